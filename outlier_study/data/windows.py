@@ -1,0 +1,123 @@
+"""Fixed-length token windows over a corpus, with the full protocol recorded for reproducibility."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from outlier_study.data.corpus import enum_value, load_corpus
+from outlier_study.errors import ConfigError, require
+
+SAMPLINGS: tuple[str, ...] = ("contiguous", "random")
+BOS_POLICIES: tuple[str, ...] = ("none", "prepend")
+
+
+@dataclass
+class Windows:
+    """Model inputs plus where they came from, so a result can always be traced back to its text."""
+
+    input_ids: torch.Tensor  # (n_windows, seq_len) int64
+    starts: list[int]  # offset of each window's first text token in the tokenized corpus
+    protocol: dict[str, Any]  # dataset, split, seq_len, sampling, seed, bos, corpus size and sha256
+
+    def batches(self, batch_size: int) -> list[torch.Tensor]:
+        """Consecutive row groups of at most `batch_size` windows, in window order."""
+        require(batch_size > 0, "dataset.batch_size", f"must be positive, got {batch_size}")
+        return list(self.input_ids.split(batch_size))
+
+
+def tokenize_corpus(text: str, tokenizer: Any) -> torch.Tensor:
+    """The tokenizer's own ids for the whole text at once (no chunking that could change merges)."""
+    # verbose=False: the corpus is longer than model_max_length by design; windows cut it later.
+    encoded = tokenizer(text, add_special_tokens=False, verbose=False, return_attention_mask=False)
+    return torch.tensor(encoded["input_ids"], dtype=torch.long)
+
+
+def _check_shape(seq_len: int, n_windows: int) -> None:
+    require(seq_len > 0, "dataset.seq_len", f"must be positive, got {seq_len}")
+    require(n_windows > 0, "dataset.n_windows", f"must be positive, got {n_windows}")
+
+
+def make_windows(
+    ids: torch.Tensor, seq_len: int, n_windows: int, sampling: str, seed: int, bos_id: int | None
+) -> tuple[torch.Tensor, list[int]]:
+    """Cut `n_windows` windows of exactly `seq_len` ids; with `bos_id`, BOS then seq_len-1 text ids."""
+    _check_shape(seq_len, n_windows)
+    sampling = enum_value(sampling)
+    require(sampling in SAMPLINGS, "dataset.sampling", f"unknown sampling {sampling!r}", allowed=SAMPLINGS)
+    ids = ids.reshape(-1).long()
+    n_tokens = int(ids.numel())
+    text_len = seq_len - 1 if bos_id is not None else seq_len
+    require(text_len > 0, "dataset.seq_len", "must be at least 2 when BOS is prepended (BOS counts)")
+    if sampling == "contiguous":
+        needed = n_windows * text_len
+        require(
+            n_tokens >= needed,
+            "dataset.n_windows",
+            f"the corpus has {n_tokens} tokens but {n_windows} contiguous windows of {text_len} text tokens "
+            f"need {needed}; lower dataset.n_windows or dataset.seq_len, or use a longer corpus",
+        )
+        starts = [i * text_len for i in range(n_windows)]
+    else:
+        require(
+            n_tokens >= text_len,
+            "dataset.seq_len",
+            f"the corpus has {n_tokens} tokens but one window needs {text_len} text tokens",
+        )
+        rng = random.Random(seed)
+        starts = [rng.randint(0, n_tokens - text_len) for _ in range(n_windows)]
+    rows = torch.stack([ids[s : s + text_len] for s in starts])
+    if bos_id is not None:
+        rows = torch.cat([torch.full((n_windows, 1), int(bos_id), dtype=torch.long), rows], dim=1)
+    return rows, starts
+
+
+def build_windows(cfg: Any, tokenizer: Any, max_context: int | None) -> Windows:
+    """Validate the dataset config, load and tokenize the corpus, cut the windows the protocol asks for."""
+    seq_len, n_windows, batch_size = int(cfg.seq_len), int(cfg.n_windows), int(cfg.batch_size)
+    _check_shape(seq_len, n_windows)
+    if max_context is not None:
+        require(
+            seq_len <= max_context,
+            "dataset.seq_len",
+            f"{seq_len} exceeds the model's context of {max_context} positions",
+        )
+    require(batch_size > 0, "dataset.batch_size", f"must be positive, got {batch_size}")
+    sampling = enum_value(cfg.sampling)
+    require(sampling in SAMPLINGS, "dataset.sampling", f"unknown sampling {sampling!r}", allowed=SAMPLINGS)
+    bos = enum_value(cfg.bos)
+    require(bos in BOS_POLICIES, "dataset.bos", f"unknown BOS policy {bos!r}", allowed=BOS_POLICIES)
+    bos_id: int | None = None
+    if bos == "prepend":
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        if bos_id is None:
+            raise ConfigError(
+                "dataset.bos", "'prepend' needs a tokenizer with a BOS token; this one has none", BOS_POLICIES
+            )
+
+    text = load_corpus(cfg)
+    ids = tokenize_corpus(text, tokenizer)
+    seed = int(cfg.seed)
+    input_ids, starts = make_windows(ids, seq_len, n_windows, sampling, seed, bos_id)
+    protocol: dict[str, Any] = {
+        "dataset": enum_value(cfg.name),
+        "path": None if getattr(cfg, "path", None) is None else str(cfg.path),
+        "split": str(cfg.split),
+        "seq_len": seq_len,
+        "n_windows": n_windows,
+        "sampling": sampling,
+        "seed": seed,
+        "bos": bos,
+        "bos_id": bos_id,
+        "batch_size": batch_size,
+        "max_chars": getattr(cfg, "max_chars", None),
+        "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
+        "n_corpus_tokens": int(ids.numel()),
+        "n_corpus_chars": len(text),
+        "corpus_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    }
+    return Windows(input_ids=input_ids, starts=starts, protocol=protocol)

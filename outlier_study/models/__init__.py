@@ -1,0 +1,1 @@
+"""Model loading: hub, local directory, GGUF file, embedded package, random init."""

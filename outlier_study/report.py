@@ -1,0 +1,104 @@
+"""Turn streamed statistics into the tidy tables of the results layout, and the printed MA summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from outlier_study.adapters.base import ATTENTION_TAPS, CANONICAL_TAPS
+from outlier_study.profiling import StatsByTap
+from outlier_study.stats.reducers import TapStats, TopEntry
+
+LAYER_STATS_HEADER = ("layer", "tap", "statistic", "value")
+TOPK_HEADER = (
+    "layer", "tap", "rank", "value", "abs", "window", "token", "channel", "head", "token_id", "token_text", "is_ma"
+)
+
+
+def is_massive(entry: TopEntry, stats: TapStats, ma_abs: float, ma_ratio: float) -> bool:
+    """The MA rule (DESIGN §3) against the median of the entry's own window."""
+    median = stats.window_medians[entry.window] if entry.window < len(stats.window_medians) else float("nan")
+    return bool(entry.abs > ma_abs and np.isfinite(median) and entry.abs >= ma_ratio * median)
+
+
+def layer_stat_rows(stats: StatsByTap) -> list[tuple[int, str, str, float]]:
+    """One row per layer × tap × statistic."""
+    rows: list[tuple[int, str, str, float]] = []
+    for (layer, tap), s in stats.items():
+        values: dict[str, float] = {
+            "max_abs": s.max_abs,
+            "median_abs": s.median_abs,
+            "ma_count": s.ma_count,
+            "mean": s.mean,
+            "std": s.std,
+            "kurtosis": s.kurtosis,
+            "n_elements": s.n_elements,
+            "nan_count": s.nan_count,
+            "inf_count": s.inf_count,
+        }
+        for rank, entry in enumerate(s.top, start=1):
+            values[f"top{rank}_abs"] = entry.abs
+            values[f"top{rank}_value"] = entry.value
+        rows += [(layer, tap, name, float(v)) for name, v in values.items()]
+    return rows
+
+
+@dataclass
+class Position:
+    """Where a top entry sits, in the vocabulary of its tap."""
+
+    token: int
+    channel: int
+    head: int | None
+
+
+def position(tap: str, entry: TopEntry, seq_len: int) -> Position:
+    """Attention taps were flattened to (query, head·key): split the channel back."""
+    if tap in ATTENTION_TAPS:
+        return Position(entry.token, entry.channel % seq_len, entry.channel // seq_len)
+    return Position(entry.token, entry.channel, None)
+
+
+def topk_rows(
+    stats: StatsByTap, input_ids: np.ndarray, decode: callable, ma_abs: float, ma_ratio: float  # type: ignore[valid-type]
+) -> list[tuple[object, ...]]:
+    """Top-k |a| of every (layer, tap) with signed value, position and token text."""
+    rows: list[tuple[object, ...]] = []
+    seq_len = input_ids.shape[1]
+    for (layer, tap), s in stats.items():
+        for rank, e in enumerate(s.top, start=1):
+            pos = position(tap, e, seq_len)
+            token_id = int(input_ids[e.window, pos.token])
+            rows.append(
+                (layer, tap, rank, e.value, e.abs, e.window, pos.token, pos.channel,
+                 "" if pos.head is None else pos.head, token_id, decode(token_id),
+                 int(is_massive(e, s, ma_abs, ma_ratio)))
+            )
+    return rows
+
+
+def channel_arrays(stats: StatsByTap) -> dict[str, np.ndarray]:
+    """Per-channel mean/std/absmax keyed 'layer/tap/statistic' for channels.npz."""
+    arrays: dict[str, np.ndarray] = {}
+    for (layer, tap), s in stats.items():
+        if s.channel_mean is None:
+            continue
+        arrays[f"{layer}/{tap}/mean"] = s.channel_mean
+        arrays[f"{layer}/{tap}/std"] = s.channel_std  # type: ignore[assignment]
+        arrays[f"{layer}/{tap}/absmax"] = s.channel_absmax  # type: ignore[assignment]
+    return arrays
+
+
+def nonfinite_summary(stats: StatsByTap) -> str | None:
+    """One line on inf/nan, e.g. float16 overflow of Gemma3's massive activations; None if all finite."""
+    bad = [(k, s) for k, s in stats.items() if s.nan_count or s.inf_count]
+    if not bad:
+        return None
+    (layer, tap), _ = min(bad, key=lambda kv: (kv[0][0], CANONICAL_TAPS.index(kv[0][1])))
+    n_inf = sum(s.inf_count for _, s in bad)
+    n_nan = sum(s.nan_count for _, s in bad)
+    return (
+        f"non-finite activations: {n_inf} inf and {n_nan} nan in {len(bad)} (layer, tap) pairs, first at "
+        f"layer {layer} {tap} — overflow of the activation dtype; statistics exclude them"
+    )
