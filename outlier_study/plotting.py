@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -15,25 +15,29 @@ LAYER_NOTE = "layers numbered from 0"
 
 
 def layer_tops_figure(
-    layers: Sequence[int], tops: np.ndarray, medians: Sequence[float], title: str
+    layers: Sequence[int], panels: Mapping[str, tuple[np.ndarray, Sequence[float]]], title: str
 ) -> Figure:
-    """Per-layer top-1/2/3 |a| and median |a| on a log axis (the paper's Fig. 4/5 style).
+    """Per-layer top-k |a| and median |a| on log axes, one panel per tap (the paper's Fig. 4/5 style).
 
-    tops: (n_layers, k) largest |a| per layer, descending; missing ranks are nan.
+    panels: tap -> (tops (n_layers, k) descending with nan for missing ranks, medians (n_layers,)).
     """
-    fig = Figure(figsize=(7, 3.6), dpi=110)
-    ax = fig.add_subplot()
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 2.9 * nrows + 0.6), dpi=100)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.08, top=1 - 0.5 / (2.9 * nrows + 0.6), hspace=0.45)
+    fig.suptitle(f"{title} ({LAYER_NOTE})", fontsize=11)
     markers = ("o", "s", "^", "v", "D")
-    for rank in range(tops.shape[1]):
-        ax.plot(layers, tops[:, rank], marker=markers[rank % len(markers)], ms=3.5, lw=1.2, label=f"top-{rank + 1}")
-    ax.plot(layers, medians, color="gray", ls="--", lw=1.2, label="median")
-    ax.set_yscale("log")
-    ax.set_xlabel(f"layer ({LAYER_NOTE})")
-    ax.set_ylabel("|activation|")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, ncol=4)
-    fig.tight_layout()
+    for i, (tap, (tops, medians)) in enumerate(panels.items()):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for rank in range(tops.shape[1]):
+            ax.plot(layers, tops[:, rank], marker=markers[rank % len(markers)], ms=3, lw=1, label=f"top-{rank + 1}")
+        ax.plot(layers, medians, color="gray", ls="--", lw=1, label="median")
+        ax.set_yscale("log")
+        ax.set_title(tap, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=6, ncol=2)
     return fig
 
 

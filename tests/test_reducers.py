@@ -14,6 +14,14 @@ from outlier_study.stats import reducers
 from outlier_study.stats.reducers import TapReducer, TapStats
 
 
+@pytest.fixture(autouse=True, params=[None, 1000, 150], ids=["chunk-default", "chunk-1000", "chunk-150"])
+def chunk_elements(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run every test also with tiny work chunks, so several windows per chunk, one window per chunk and
+    several row blocks per window (each its own moment group) are all merged and checked."""
+    if request.param is not None:
+        monkeypatch.setattr(reducers, "_CHUNK_ELEMENTS", request.param)
+
+
 @dataclass
 class Chunk:
     x: torch.Tensor
@@ -157,6 +165,9 @@ def test_top_k_larger_than_batch_and_zero() -> None:
     assert_matches(feed(chunks, top_k=9), reference(chunks, top_k=9))
     got = feed(chunks, top_k=0)
     assert got.top == [] and got.n_elements == 12
+    sparse = torch.tensor([[[math.nan, 0.5], [-2.0, math.inf]]])  # only two finite entries
+    got = feed([Chunk(sparse, 0)], top_k=5)
+    assert [(e.value, e.token, e.channel) for e in got.top] == [(-2.0, 1, 0), (0.5, 0, 1)]
 
 
 def test_massive_activation_count_uses_each_windows_median() -> None:
@@ -212,8 +223,8 @@ def test_causal_valid_mask_on_attention_scores() -> None:
     causal = torch.ones(t, t, dtype=torch.bool).tril()
     x = torch.randn(w, t, t, generator=g) * 2.0 + 1.0
     x[2, 19, 4] = 40.0
-    x[2, 1, 10] = 1e3  # huge but masked: must not show up anywhere
     x = x.masked_fill(~causal, -math.inf)
+    x[2, 1, 10] = 1e3  # huge but masked out: must not show up anywhere
     chunks = split(x, [2, 3], valid=causal)
     got = feed(chunks)
     ref = reference(chunks)
@@ -221,6 +232,13 @@ def test_causal_valid_mask_on_attention_scores() -> None:
     assert got.inf_count == 0 and got.n_elements == w * t * (t + 1) // 2
     assert got.top[0].abs == 40.0
     assert got.channel_count[0] == w * t and got.channel_count[-1] == w
+    # A non-finite value inside the mask is counted; the masked -inf entries still are not.
+    x[3, 6, 2] = math.inf
+    x[0, 7, 0] = math.nan
+    chunks = split(x, [2, 3], valid=causal)
+    got = feed(chunks)
+    assert (got.inf_count, got.nan_count) == (1, 1)
+    assert_matches(got, reference(chunks))
 
 
 def test_per_window_and_per_token_valid_masks() -> None:

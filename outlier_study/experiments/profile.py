@@ -34,19 +34,17 @@ def write_profile_tables(ctx: Context, prof: Profile) -> list[tuple[object, ...]
     return rows
 
 
-def write_layer_figures(ctx: Context, prof: Profile) -> None:
-    """One Fig. 4/5-style per-layer top-k plot per tap."""
-    name = ctx.cfg.model.name
+def write_layer_figure(ctx: Context, prof: Profile) -> None:
+    """Fig. 4/5-style per-layer top-k |a| for every profiled tap, one panel each."""
     k = ctx.cfg.threshold.top_k
+    panels = {}
     for tap in prof.taps:
         tops = np.full((len(prof.layers), k), np.nan)
-        medians = []
         for i, layer in enumerate(prof.layers):
-            s = prof.stats[(layer, tap)]
-            tops[i, : len(s.top)] = [e.abs for e in s.top]
-            medians.append(s.median_abs)
-        fig = plotting.layer_tops_figure(prof.layers, tops, medians, f"{name}: {tap}, top-{k} |a| per layer")
-        write_figure(ctx.figures_dir / f"layer_tops_{tap}.png", fig)
+            tops[i, : len(prof.stats[(layer, tap)].top)] = [e.abs for e in prof.stats[(layer, tap)].top]
+        panels[tap] = (tops, [prof.stats[(layer, tap)].median_abs for layer in prof.layers])
+    title = f"{ctx.cfg.model.name}: top-{k} |a| and median per layer"
+    write_figure(ctx.figures_dir / "layer_tops.png", plotting.layer_tops_figure(prof.layers, panels, title))
 
 
 def write_surface_figure(ctx: Context, prof: Profile) -> None:
@@ -90,7 +88,7 @@ def run(ctx: Context) -> dict[str, Any]:
     )
     seconds = time.perf_counter() - t0
     rows = write_profile_tables(ctx, prof)
-    write_layer_figures(ctx, prof)
+    write_layer_figure(ctx, prof)
     write_surface_figure(ctx, prof)
     header, summary = ma_summary(rows, cfg.experiment.summary_top)
     write_text(ctx.tables_dir / "massive_activations.md", markdown_table(header, summary))

@@ -5,15 +5,19 @@ in memory otherwise), so every statistic here is mergeable across `update` calls
 merging of per-channel (count, mean, M2), Pebay merging of global central moments, and exact per-window
 medians (a window always arrives whole in one call).
 
-Cost matters as much as correctness (the whole profile may add at most ~30% to a forward pass), so an
-all-finite, unmasked batch takes a fast path: one `abs`, one reduction that doubles as the non-finite
-check, four matrix-vector column sums for the moments and one numpy partition per window for the median.
-Masks are only built when a valid mask is given or non-finite values show up.
+Cost matters as much as correctness (the whole profile may add at most ~30% to a forward pass):
+- work runs on chunks of whole windows of about `_CHUNK_ELEMENTS` values, in reused scratch buffers, so the
+  few elementwise passes hit the last-level cache instead of streaming fresh full-batch temporaries;
+- an all-finite, unmasked chunk takes a fast path: one `abs`, one column max that doubles as the non-finite
+  check (NaN and inf propagate), two elementwise passes plus matrix-vector column sums for the moments,
+  one numpy partition per window for the exact median (~10x faster than torch.median on CPU);
+- masks are only built when a valid mask is given or non-finite values show up.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +26,34 @@ import torch
 # Above this |a| the float32 fourth powers used for the moments could overflow: such batches go float64.
 _F32_MOMENT_LIMIT = 1e8
 _INVALID = -1.0  # |a| is >= 0, so -1 marks excluded entries in the abs buffer (never a top-k or MA hit)
+# Chunk size in elements (4 MiB of float32): the input slice, |a| and two moment buffers stay cache-sized.
+_CHUNK_ELEMENTS = 1 << 20
+
+_scratch_local = threading.local()
+
+
+def _scratch(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable flat buffer per (slot, dtype, device) and thread, grown on demand.
+
+    Allocating a fresh multi-MiB temporary per hook call costs page faults and cache misses; reusing one
+    keeps it warm. The buffers hold only scratch values of the last chunk, never a reference to an input.
+    """
+    cache: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] | None = getattr(
+        _scratch_local, "buffers", None
+    )
+    if cache is None:
+        cache = _scratch_local.buffers = {}
+    key = (slot, dtype, device)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        cache[key] = buf
+    return buf[:numel]
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (e.g. after profiling, before a memory-hungry step)."""
+    _scratch_local.buffers = {}
 
 
 @dataclass
@@ -137,7 +169,6 @@ class TapReducer:
         self._ch_mean: np.ndarray | None = None
         self._ch_m2: np.ndarray | None = None
         self._ch_absmax: np.ndarray | None = None
-        self._ones: torch.Tensor | None = None  # cached column-sum vector (reused across same-shape calls)
 
     # ------------------------------------------------------------------ update
 
@@ -166,172 +197,199 @@ class TapReducer:
                 self._medians[window_offset + b] = math.nan
             return
 
-        a = x.abs()  # our own buffer: masked in place and partitioned in place below
         mask: torch.Tensor | None = None  # entries that enter the statistics; None = all of them
         if valid is not None:
             valid = valid.to(device=x.device, dtype=torch.bool)
             if not bool(valid.all()):
                 mask = valid.expand(B, T, C)
-                a.masked_fill_(~mask, _INVALID)
-        wc_max = a.amax(dim=1)  # (B, C); NaN propagates, so this is also the non-finite check
-        if not bool(torch.isfinite(wc_max).all()):
-            mask, wc_max = self._exclude_nonfinite(x, a, mask)
+        step = max(1, _CHUNK_ELEMENTS // (T * C))
+        groups: list[torch.Tensor] = []  # (6, C) moment sums per row block, see _block_moments
+        absmax: list[torch.Tensor] = []  # (C,) per chunk
+        tops: list[torch.Tensor] = []  # (m, 5) top-k candidates per chunk
+        for lo in range(0, B, step):
+            hi = min(B, lo + step)
+            chunk_mask = None if mask is None else mask[lo:hi]
+            self._update_chunk(x[lo:hi], chunk_mask, window_offset + lo, groups, absmax, tops)
+        self._merge_moments_and_channels(torch.stack(groups).cpu().numpy(), absmax)
+        if tops:
+            self._merge_top(torch.cat(tops).tolist())
 
-        self._update_top(x, a, wc_max, window_offset)
-        finite_max = self._update_max_and_channel_absmax(wc_max)
-        self._update_moments(x, mask, finite_max)
-        # Last: partitions `a` in place, which destroys the layout the top-k and channel steps need.
-        self._update_medians_and_ma(a, mask, wc_max, window_offset)
+    def _update_chunk(
+        self,
+        xc: torch.Tensor,
+        mc: torch.Tensor | None,
+        offset: int,
+        groups: list[torch.Tensor],
+        absmax: list[torch.Tensor],
+        tops: list[torch.Tensor],
+    ) -> None:
+        bw, T, C = xc.shape
+        a = _scratch("abs", xc.numel(), xc.dtype, xc.device).view(bw, T, C)
+        torch.abs(xc, out=a)
+        if mc is not None:
+            a.masked_fill_(~mc, _INVALID)
+        wc = a.amax(dim=1)  # (bw, C) column maxima
+        top = float(wc.max())  # NaN and inf propagate: this one sync is the fast path's non-finite check
+        if not math.isfinite(top):
+            mc = self._exclude_nonfinite(xc, a, mc)
+            wc = a.amax(dim=1)
+            top = float(wc.max())
+        if top >= 0.0:  # else: no valid finite element in the whole chunk
+            self._max_abs = max(self._max_abs, top)
+        if self.channel_stats:
+            absmax.append(wc.amax(dim=0))
+        if self.top_k:
+            tops.append(self._chunk_top(xc, a, wc, offset))
+        rows = bw * T
+        block = max(1, _CHUNK_ELEMENTS // C)
+        x2 = xc.view(rows, C)
+        m2 = None if mc is None else mc.reshape(rows, C)
+        use64 = top > _F32_MOMENT_LIMIT
+        for r in range(0, rows, block):
+            mb = None if m2 is None else m2[r : r + block]
+            groups.append(self._block_moments(x2[r : r + block], mb, use64))
+        # Last: partitions `a` in place, which destroys the layout the steps above need.
+        self._chunk_medians_and_ma(a, mc, wc, offset)
 
-    def _exclude_nonfinite(
-        self, x: torch.Tensor, a: torch.Tensor, mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _exclude_nonfinite(self, xc: torch.Tensor, a: torch.Tensor, mc: torch.Tensor | None) -> torch.Tensor:
         """Slow path: count nan/inf among valid entries, then drop them like invalid ones."""
-        finite = torch.isfinite(x)
-        nan = torch.isnan(x)
+        finite = torch.isfinite(xc)
+        nan = torch.isnan(xc)
         nonfinite = ~finite
-        if mask is not None:
-            nan &= mask
-            nonfinite &= mask
-            finite &= mask
+        if mc is not None:
+            nan &= mc
+            nonfinite &= mc
+            finite &= mc
         n_nan = int(torch.count_nonzero(nan))
         self._nan += n_nan
         self._inf += int(torch.count_nonzero(nonfinite)) - n_nan
         a.masked_fill_(~finite, _INVALID)
-        return finite, a.amax(dim=1)
+        return finite
 
-    def _update_top(self, x: torch.Tensor, a: torch.Tensor, wc_max: torch.Tensor, offset: int) -> None:
-        """The top-k elements lie in the k (window, channel) columns with the largest column max: only those
-        k*T values are searched, instead of a full-tensor topk (which copies everything on CPU)."""
-        k = self.top_k
-        if k == 0:
-            return
-        B, T, C = a.shape
-        kc = min(k, B * C)
-        _, col = wc_max.reshape(-1).topk(kc)
+    def _chunk_top(self, xc: torch.Tensor, a: torch.Tensor, wc: torch.Tensor, offset: int) -> torch.Tensor:
+        """Rows (abs, value, window, token, channel). The top-k elements lie in the k (window, channel)
+        columns with the largest column max, so only those k*T values are searched instead of a full-tensor
+        topk (which copies everything on CPU)."""
+        bw, T, C = a.shape
+        kc = min(self.top_k, bw * C)
+        _, col = wc.reshape(-1).topk(kc)
         b_idx = torch.div(col, C, rounding_mode="floor")
         c_idx = col % C
         cand = a[b_idx, :, c_idx]  # (kc, T)
-        vals, flat = cand.reshape(-1).topk(min(k, kc * T))
+        vals, flat = cand.reshape(-1).topk(min(self.top_k, kc * T))
         j = torch.div(flat, T, rounding_mode="floor")
         t_idx = flat % T
         bb, cc = b_idx[j], c_idx[j]
-        signed = x[bb, t_idx, cc]
-        rows = torch.stack([t.to(torch.float64) for t in (vals, signed, bb, t_idx, cc)], dim=1).tolist()
+        cols = (vals, xc[bb, t_idx, cc], bb + offset, t_idx, cc)
+        return torch.stack([c.to(torch.float64) for c in cols], dim=1)
+
+    def _merge_top(self, rows: list[list[float]]) -> None:
         new = [
-            TopEntry(value=s, abs=v, window=offset + int(b), token=int(t), channel=int(c))
-            for v, s, b, t, c in rows
-            if v >= 0.0  # _INVALID entries are negative
+            TopEntry(value=v, abs=s, window=int(w), token=int(t), channel=int(c))
+            for s, v, w, t, c in rows
+            if s >= 0.0  # _INVALID entries are negative
         ]
         merged = self._top + new
         merged.sort(key=lambda e: e.abs, reverse=True)
-        self._top = merged[:k]
+        self._top = merged[: self.top_k]
 
-    def _update_max_and_channel_absmax(self, wc_max: torch.Tensor) -> float:
-        """Returns the batch's max |a| over valid finite entries (-inf if none)."""
-        if self.channel_stats:
-            ch = wc_max.amax(dim=0).to(torch.float64).cpu().numpy()
-            ch = np.where(ch < 0.0, -np.inf, ch)
-            self._ch_absmax = ch if self._ch_absmax is None else np.maximum(self._ch_absmax, ch)
-            batch_max = float(ch.max())
+    @staticmethod
+    def _block_moments(xb: torch.Tensor, mb: torch.Tensor | None, use64: bool) -> torch.Tensor:
+        """(count, shift, S1, S2, S3, S4) per channel, float64, where S_p = sum over valid rows of
+        (a - shift)^p and shift is the block's float32 channel mean: centring first keeps float32 exact
+        enough when a channel's mean dwarfs its spread (1e4 vs 1). Column sums are matrix-vector products
+        (BLAS speed, short accumulations of one block's rows)."""
+        rows, C = xb.shape
+        dtype = torch.float64 if use64 else xb.dtype  # fourth powers of |a| > 1e8 overflow float32
+        dev = xb.device
+        ones = torch.ones(rows, dtype=dtype, device=dev)
+        d = _scratch("d", xb.numel(), dtype, dev).view(rows, C)
+        d2 = _scratch("d2", xb.numel(), dtype, dev).view(rows, C)
+        if mb is None:
+            count = torch.full((C,), rows, dtype=dtype, device=dev)
+            shift = (ones @ xb.to(dtype)) / rows
+            torch.sub(xb, shift, out=d)
         else:
-            batch_max = float(wc_max.max())
-            batch_max = batch_max if batch_max >= 0.0 else -math.inf
-        self._max_abs = max(self._max_abs, batch_max)
-        return batch_max
-
-    def _column_ones(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        ones = self._ones
-        if ones is None or ones.numel() != n or ones.dtype != like.dtype or ones.device != like.device:
-            ones = torch.ones(n, dtype=like.dtype, device=like.device)
-            self._ones = ones
-        return ones
-
-    def _update_moments(self, x: torch.Tensor, mask: torch.Tensor | None, finite_max: float) -> None:
-        """Per-channel power sums of (a - batch channel mean) via matrix-vector column sums (BLAS speed, short
-        float32 accumulations of T*B terms), turned into central moments in float64, then merged: per channel
-        with Chan's formula and, across channels and batches, with Pebay's formulas for M2..M4."""
-        B, T, C = x.shape
-        n_rows = B * T
-        x2 = x.view(n_rows, C)
-        if finite_max > _F32_MOMENT_LIMIT and x2.dtype != torch.float64:
-            x2 = x2.double()  # fourth powers of such values would overflow float32
-        ones = self._column_ones(n_rows, x2)
-        if mask is None:
-            count = torch.full((C,), n_rows, dtype=torch.int64, device=x.device)
-            shift = (ones @ x2) / n_rows
-            d = x2 - shift
-        else:
-            m2 = mask.reshape(n_rows, C)
-            excluded = ~m2
-            count = n_rows - torch.count_nonzero(excluded, dim=0)
-            xm = x2.masked_fill(excluded, 0.0)
-            shift = (ones @ xm) / count.clamp(min=1).to(xm.dtype)
-            d = xm.sub_(shift).masked_fill_(excluded, 0.0)
-        d2 = d * d
+            excluded = ~mb
+            count = (rows - torch.count_nonzero(excluded, dim=0)).to(dtype)
+            d.copy_(xb).masked_fill_(excluded, 0.0)  # also clears nan/inf, which are never valid here
+            shift = (ones @ d) / count.clamp(min=1.0)
+            d.sub_(shift).masked_fill_(excluded, 0.0)
+        torch.mul(d, d, out=d2)
         s1 = ones @ d
         s2 = ones @ d2
         d.mul_(d2)
         s3 = ones @ d
         d2.square_()
         s4 = ones @ d2
-        packed = torch.stack([count.to(x2.dtype), shift, s1, s2, s3, s4]).to(torch.float64).cpu().numpy()
-        n, k, s1n, s2n, s3n, s4n = packed
+        return torch.stack([count, shift, s1, s2, s3, s4]).to(torch.float64)
+
+    def _merge_moments_and_channels(self, groups: np.ndarray, absmax: list[torch.Tensor]) -> None:
+        """Turn the (G, 6, C) block sums into central moments of G*C groups, combine them into one batch
+        (the multi-group form of Pebay's formulas) and merge that into the running state."""
+        n, shift, s1, s2, s3, s4 = (groups[:, i] for i in range(6))
         has = n > 0
         n_safe = np.where(has, n, 1.0)
-        delta = np.where(has, s1n / n_safe, 0.0)  # offset of the true channel mean from the float32 shift
-        mean_c = np.where(has, k + delta, 0.0)
-        m2_c = np.maximum(s2n - n * delta**2, 0.0)
-        m3_c = s3n - 3.0 * delta * s2n + 2.0 * n * delta**3
-        m4_c = np.maximum(s4n - 4.0 * delta * s3n + 6.0 * delta**2 * s2n - 3.0 * n * delta**4, 0.0)
+        delta = np.where(has, s1 / n_safe, 0.0)  # offset of the exact group mean from the float32 shift
+        mean_g = np.where(has, shift + delta, 0.0)
+        m2_g = np.maximum(s2 - n * delta**2, 0.0)
+        m3_g = s3 - 3.0 * delta * s2 + 2.0 * n * delta**3
+        m4_g = np.maximum(s4 - 4.0 * delta * s3 + 6.0 * delta**2 * s2 - 3.0 * n * delta**4, 0.0)
 
         n_tot = float(n.sum())
         if n_tot > 0:
-            mean = float((n * mean_c).sum() / n_tot)
-            e = np.where(has, mean_c - mean, 0.0)
-            bm2 = float((m2_c + n * e**2).sum())
-            bm3 = float((m3_c + 3.0 * e * m2_c + n * e**3).sum())
-            bm4 = float((m4_c + 4.0 * e * m3_c + 6.0 * e**2 * m2_c + n * e**4).sum())
+            mean = float((n * mean_g).sum() / n_tot)
+            e = np.where(has, mean_g - mean, 0.0)
+            bm2 = float((m2_g + n * e**2).sum())
+            bm3 = float((m3_g + 3.0 * e * m2_g + n * e**3).sum())
+            bm4 = float((m4_g + 4.0 * e * m3_g + 6.0 * e**2 * m2_g + n * e**4).sum())
             self._moments = _merge_moments(self._moments, (n_tot, mean, bm2, bm3, bm4))
 
-        if self.channel_stats:
-            if self._ch_count is None:
-                self._ch_count = np.zeros(C)
-                self._ch_mean = np.zeros(C)
-                self._ch_m2 = np.zeros(C)
-            na, ma, m2a = self._ch_count, self._ch_mean, self._ch_m2
-            tot = na + n
-            frac = np.divide(n, tot, out=np.zeros(C), where=tot > 0)
-            dm = mean_c - ma
-            self._ch_mean = ma + dm * frac
-            self._ch_m2 = m2a + m2_c + dm * dm * na * frac
-            self._ch_count = tot
+        if not self.channel_stats:
+            return
+        C = groups.shape[2]
+        n_c = n.sum(axis=0)
+        mean_c = np.divide((n * mean_g).sum(axis=0), n_c, out=np.zeros(C), where=n_c > 0)
+        e_c = np.where(has, mean_g - mean_c, 0.0)
+        m2_c = (m2_g + n * e_c**2).sum(axis=0)
+        ch_max = torch.stack(absmax).amax(dim=0).to(torch.float64).cpu().numpy()
+        ch_max = np.where(ch_max < 0.0, -np.inf, ch_max)
+        if self._ch_count is None:
+            self._ch_count, self._ch_mean, self._ch_m2 = np.zeros(C), np.zeros(C), np.zeros(C)
+            self._ch_absmax = np.full(C, -np.inf)
+        na, ma = self._ch_count, self._ch_mean
+        tot = na + n_c
+        frac = np.divide(n_c, tot, out=np.zeros(C), where=tot > 0)
+        dm = mean_c - ma
+        self._ch_mean = ma + dm * frac  # Chan et al. parallel update
+        self._ch_m2 = self._ch_m2 + m2_c + dm * dm * na * frac
+        self._ch_count = tot
+        self._ch_absmax = np.maximum(self._ch_absmax, ch_max)
 
-    def _update_medians_and_ma(
-        self, a: torch.Tensor, mask: torch.Tensor | None, wc_max: torch.Tensor, offset: int
+    def _chunk_medians_and_ma(
+        self, a: torch.Tensor, mc: torch.Tensor | None, wc: torch.Tensor, offset: int
     ) -> None:
         """Exact lower median of each window's valid |a| (excluded entries are -1, i.e. sorted first, so the
         median is the element of rank n_invalid + (n_valid - 1) // 2), then the massive-activation count."""
-        B = a.shape[0]
-        rows = a.view(B, -1)
+        bw = a.shape[0]
+        rows = a.view(bw, -1)
         per_row = rows.shape[1]
-        if mask is None:
-            n_valid = [per_row] * B
+        if mc is None:
+            n_valid = [per_row] * bw
         else:
-            n_valid = torch.count_nonzero(mask.reshape(B, -1), dim=1).tolist()
-        wmax = wc_max.amax(dim=1).tolist()
-        use_np = _use_numpy_select(rows)
-        rows_np = rows.numpy() if use_np else None
+            n_valid = torch.count_nonzero(mc.reshape(bw, -1), dim=1).tolist()
+        wmax = wc.amax(dim=1).tolist()
+        rows_np = rows.numpy() if _use_numpy_select(rows) else None
         np_dtype = np.dtype(np.float64 if a.dtype == torch.float64 else np.float32)
-        for b in range(B):
+        for b in range(bw):
             nv = int(n_valid[b])
             if nv == 0:
                 self._medians[offset + b] = math.nan
                 continue
-            rank = (per_row - nv) + nv // 2
+            rank = (per_row - nv) + (nv - 1) // 2
             if rows_np is not None:
                 row_np = rows_np[b]
-                row_np.partition(rank)  # in place: `a` is our own scratch buffer
+                row_np.partition(rank)  # in place: `a` is scratch
                 med = float(row_np[rank])
             else:
                 med = float(torch.kthvalue(rows[b], rank + 1).values)

@@ -1,0 +1,233 @@
+"""Profiling overhead benchmark: `make bench`.
+
+Reports the cost of profiling as RATIOS against a plain forward pass measured in the same run, on the same
+model, windows and batch size, through the same `forward` call that profiling uses. Absolute seconds depend
+on the machine (core count, BLAS, other load) and are printed only for context; a ratio measured in one run
+cancels most of that, so it is what the goals are about:
+
+  full profile (all taps but attention scores/probs) time / plain time   goal <= 1.30
+  MA profile (resid.pre/mid/post, mlp.hidden, mlp.out) time / plain time  goal <= 1.10
+  peak RSS of a full-profile process / peak RSS of a plain-forward process goal <= 1.10
+
+Times are medians over `--repeats` alternating repetitions (plain, full, MA, plain, ...) to damp noise on
+small machines. Peak RSS comes from two fresh child processes of this script (`--mode plain|full`), each
+loading the same model and reporting `ru_maxrss`. Missing a goal is reported, not an error (exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
+MA_TAPS = ["resid.pre", "resid.mid", "resid.post", "mlp.hidden", "mlp.out"]
+GOALS = {"full_time": 1.30, "ma_time": 1.10, "full_peak_rss": 1.10}
+
+
+def compose(args: argparse.Namespace) -> tuple[Any, str]:
+    """The real Hydra config for the model and windows; WikiText-2 when present, else the embedded corpus."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from outlier_study.config.schema import register_configs
+
+    if WIKITEXT.is_file():
+        data, note = ["dataset=wikitext2", f"dataset.path={WIKITEXT}"], f"wikitext2 ({WIKITEXT})"
+    else:
+        data, note = ["dataset=embedded"], f"embedded (fallback: {WIKITEXT} not found)"
+    overrides = [
+        f"model={args.model}",
+        *data,
+        f"dataset.seq_len={args.seq_len}",
+        f"dataset.n_windows={args.windows}",
+        f"dataset.batch_size={args.batch_size}",
+        "progress=false",
+    ]
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides), note
+
+
+def setup(args: argparse.Namespace) -> tuple[Any, torch.Tensor, list[int], str]:
+    from outlier_study.data import build_windows
+    from outlier_study.models.loader import load_model
+
+    cfg, note = compose(args)
+    lm = load_model(cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache)
+    windows = build_windows(cfg.dataset, lm.tokenizer, lm.max_context)
+    return lm, windows.input_ids, list(range(lm.n_layers)), note
+
+
+def runners(lm: Any, ids: torch.Tensor, layers: list[int], batch_size: int) -> dict[str, Callable[[], None]]:
+    """plain: all windows through `forward`; full / ma: `profile_windows` on those taps, result included."""
+    from outlier_study.adapters import resolve_taps
+    from outlier_study.profiling import forward, profile_windows
+
+    def plain() -> None:
+        for batch in ids.split(batch_size):
+            forward(lm, batch)
+
+    def profile(taps: list[str]) -> Callable[[], None]:
+        return lambda: profile_windows(lm, ids, taps, layers, batch_size=batch_size, progress=False) and None
+
+    return {
+        "plain": plain,
+        "full": profile(resolve_taps(lm.adapter, None)),
+        "ma": profile(resolve_taps(lm.adapter, MA_TAPS)),
+    }
+
+
+def peak_rss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; includes the model load
+
+
+def reset_hwm() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM, Linux >= 4.0), so a later peak excludes the load."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_kib() -> int | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
+    return int(line.split()[1]) if line else None
+
+
+def child(args: argparse.Namespace) -> None:
+    """One fresh process: load, one plain warm-up pass, one `args.mode` pass; print its peak RSS as JSON.
+
+    Loading transiently needs more memory than a forward, so `ru_maxrss` (peak over the whole life) tends to
+    be the load's peak in both modes; the peak after loading comes from VmHWM reset right after the load."""
+    lm, ids, layers, _ = setup(args)
+    after_load = peak_rss_kib()
+    has_hwm = reset_hwm()
+    run = runners(lm, ids, layers, args.batch_size)
+    run["plain"]()
+    run[args.mode]()
+    peak_after_load = hwm_kib() if has_hwm else None
+    out = {"mode": args.mode, "ru_maxrss_kib": peak_rss_kib(), "load_peak_kib": after_load}
+    print(json.dumps(out | {"peak_after_load_kib": peak_after_load}))
+
+
+def measure_rss(args: argparse.Namespace, mode: str) -> dict[str, int]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--mode", mode, "--model", args.model]
+    cmd += ["--windows", str(args.windows), "--seq-len", str(args.seq_len)]
+    cmd += ["--batch-size", str(args.batch_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child --mode {mode} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    lm, ids, layers, note = setup(args)  # also fills the converted-model cache before the children load it
+    load_s = time.perf_counter() - t0
+    run = runners(lm, ids, layers, args.batch_size)
+    run["plain"]()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in run}
+    for _ in range(args.repeats):
+        for name, fn in run.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    rss = {mode: measure_rss(args, mode) for mode in ("plain", "full")}
+
+    after_load = all(r["peak_after_load_kib"] for r in rss.values())
+    rss_key = "peak_after_load_kib" if after_load else "ru_maxrss_kib"
+    mib = {m: r[rss_key] / 1024 for m, r in rss.items()}
+    life = {m: r["ru_maxrss_kib"] / 1024 for m, r in rss.items()}
+    spec = [  # (measure, key, numerator, denominator, context)
+        ("full profile time / plain", "full_time", med["full"], med["plain"], "{:.3f}s vs {:.3f}s"),
+        ("MA profile time / plain", "ma_time", med["ma"], med["plain"], "{:.3f}s vs {:.3f}s"),
+        (
+            f"full peak RSS / plain ({'after load' if after_load else 'ru_maxrss'})",
+            "full_peak_rss",
+            mib["full"],
+            mib["plain"],
+            "{:.0f} vs {:.0f} MiB",
+        ),
+    ]
+    rows = [
+        {
+            "measure": measure,
+            "key": key,
+            "ratio": num / den,
+            "goal": GOALS[key],
+            "pass": num / den <= GOALS[key],
+            "context": fmt.format(num, den),
+        }
+        for measure, key, num, den, fmt in spec
+    ]
+    if after_load:
+        rows[-1]["context"] += f" (ru_maxrss incl. load: {life['full']:.0f} vs {life['plain']:.0f} MiB)"
+    return {
+        "model": args.model,
+        "dataset": note,
+        "windows": int(ids.shape[0]),
+        "seq_len": int(ids.shape[1]),
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "load_s": load_s,
+        "rows": rows,
+        "times_s": times,
+        "median_s": med,
+        "rss_kib": rss,
+    }
+
+
+def show(result: dict[str, Any]) -> None:
+    print(
+        f"model {result['model']}, {result['windows']} x {result['seq_len']} tokens, "
+        f"batch {result['batch_size']}, median of {result['repeats']}, {result['torch_threads']} threads"
+    )
+    print(f"data  {result['dataset']}")
+    print(f"{'measure':<40} {'ratio':>6} {'goal':>6}  {'':<4}  absolute")
+    for r in result["rows"]:
+        verdict = "pass" if r["pass"] else "MISS"
+        print(f"{r['measure']:<40} {r['ratio']:>6.3f} {r['goal']:>6.2f}  {verdict:<4}  {r['context']}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=REPO / "outputs/bench/bench.json")
+    p.add_argument("--mode", choices=["bench", "plain", "full"], default="bench", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.mode != "bench":
+        child(args)
+        return
+    result = bench(args)
+    show(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

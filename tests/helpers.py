@@ -1,0 +1,29 @@
+"""Helpers shared by the tests: the real Hydra config tree and model loading by config name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from outlier_study.config.schema import register_configs
+from outlier_study.models.loader import LoadedModel, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-gemma3")
+
+register_configs()
+
+
+def make_cfg(*overrides: str) -> DictConfig:
+    """Compose the real Hydra config tree with overrides, as the CLI would."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def load_named(name: str, cache: Path, dtype: str = "float32") -> LoadedModel:
+    cfg = make_cfg(f"model={name}")
+    return load_model(cfg.model, dtype, "cpu", cache)

@@ -1,0 +1,69 @@
+"""The embedded real checkpoints: SmolLM2-135M shows massive activations; Gemma3-270M overflows float16."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from outlier_study.app import run
+from outlier_study.hooks import tap_hooks
+from outlier_study.models.loader import LoadedModel
+from outlier_study.profiling import profile_windows
+from outlier_study.report import is_massive
+from outlier_study.results import read_csv
+from tests.helpers import make_cfg
+
+pytestmark = pytest.mark.real
+
+
+def test_smollm2_has_massive_activations_in_middle_layers(smollm2: LoadedModel, wikitext: Path) -> None:
+    from outlier_study.data import build_windows
+
+    cfg = make_cfg("dataset=wikitext2", f"dataset.path={wikitext}", "dataset.seq_len=256", "dataset.n_windows=2")
+    windows = build_windows(cfg.dataset, smollm2.tokenizer, smollm2.max_context)
+    n = smollm2.n_layers
+    middle = list(range(n // 4, 3 * n // 4))
+    prof = profile_windows(smollm2, windows.input_ids, ["resid.post"], middle, progress=False)
+    found = [
+        (layer, e)
+        for layer in middle
+        for e in prof.stats[(layer, "resid.post")].top
+        if is_massive(e, prof.stats[(layer, "resid.post")], 100.0, 1000.0)
+    ]
+    assert found, "no massive activation in SmolLM2's middle-layer residual stream"
+    layer, entry = max(found, key=lambda le: le[1].abs)
+    # The reported position holds the reported value in a fresh forward pass.
+    seen: list[torch.Tensor] = []
+    with torch.no_grad(), tap_hooks(smollm2.model, smollm2.adapter, ["resid.post"], [layer],
+                                    lambda *a: seen.append(a[2].clone())):
+        smollm2.model(windows.input_ids[entry.window : entry.window + 1])
+    assert float(seen[0][0, entry.token, entry.channel]) == pytest.approx(entry.value, rel=1e-5)
+
+
+def test_smollm2_profile_job_reports_mas(tmp_path: Path, smollm2: LoadedModel) -> None:
+    job = run(
+        make_cfg("dataset.seq_len=128", "dataset.n_windows=2", "taps=[resid.pre,resid.post,mlp.hidden]",
+                 "progress=false"),
+        job_dir=tmp_path / "job",
+    )
+    rows = read_csv(job / "tables" / "massive_activations.csv")
+    assert rows and all(abs(float(r["value"])) > 100 for r in rows)
+    assert json.loads((job / "metrics.json").read_text())["ma_count_total"] > 0
+
+
+def test_gemma3_float16_reports_overflow_instead_of_crashing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    job = run(
+        make_cfg("model=gemma3-270m", "dtype=float16", "dataset.seq_len=128", "dataset.n_windows=2",
+                 "taps=[resid.post]", "progress=false", "experiment.plot3d.max_tokens=8"),
+        job_dir=tmp_path / "job",
+    )
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["inf_count_total"] + metrics["nan_count_total"] > 0
+    assert "non-finite activations" in capsys.readouterr().out
+    assert json.loads((job / "status.json").read_text())["status"] == "ok"
+    for r in read_csv(job / "layer_stats.csv"):
+        if r["statistic"] in ("max_abs", "top1_abs") and r["value"] not in ("nan",):
+            assert float(r["value"]) <= torch.finfo(torch.float16).max  # only finite values enter statistics
