@@ -82,7 +82,10 @@ class ThresholdConfig:
 
 @dataclass
 class InterventionConfig:
-    name: str = "none"
+    name: str = "none"  # none | massive | residual
+    tap: str = "mlp.hidden"  # massive: where MAs are replaced (canonical name or paper alias)
+    value: str = "mean"  # zero | mean (mean of that window's tensor at the tap, MAs included)
+    layers: list[int] | None = None  # null: every layer
 
 
 @dataclass
