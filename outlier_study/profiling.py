@@ -72,6 +72,19 @@ def forward(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
     return lm.model(input_ids=ids.to(lm.input_device), use_cache=False, logits_to_keep=1).logits
 
 
+def forward_windows(
+    lm: LoadedModel, input_ids: torch.Tensor, batch_size: int, progress: bool, desc: str, owner: object = None
+) -> None:
+    """Run every window through the model; `owner.window_offset` tracks the global index of a batch."""
+    bar = tqdm(total=input_ids.shape[0], desc=desc, unit="win", disable=not progress)
+    for start, ids in batches(input_ids, batch_size):
+        if owner is not None:
+            owner.window_offset = start  # type: ignore[attr-defined]
+        forward(lm, ids)
+        bar.update(ids.shape[0])
+    bar.close()
+
+
 def profile_windows(
     lm: LoadedModel,
     input_ids: torch.Tensor,
@@ -88,12 +101,7 @@ def profile_windows(
     """Stream statistics of `taps` at `layers` over all windows."""
     profiler = Profiler(taps, layers, top_k, ma_abs, ma_ratio)
     with tap_hooks(lm.model, lm.adapter, taps, layers, profiler.sink):
-        bar = tqdm(total=input_ids.shape[0], desc=desc, unit="win", disable=not progress)
-        for start, ids in batches(input_ids, batch_size):
-            profiler.window_offset = start
-            forward(lm, ids)
-            bar.update(ids.shape[0])
-        bar.close()
+        forward_windows(lm, input_ids, batch_size, progress, desc, profiler)
     return Profile(profiler.result(), taps, layers, int(input_ids.numel()))
 
 

@@ -129,3 +129,11 @@ def write_figure(path: Path, fig: Any) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     _atomic_bytes(path, buf.getvalue())
+
+
+def write_table(tables_dir: Path, name: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A paper-layout table as tables/<name>.md and .csv; returns the Markdown for printing."""
+    text = markdown_table(header, rows)
+    write_text(tables_dir / f"{name}.md", text)
+    write_csv(tables_dir / f"{name}.csv", header, rows)
+    return text

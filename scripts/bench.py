@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -137,6 +138,7 @@ def measure_rss(args: argparse.Namespace, mode: str) -> dict[str, int]:
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
+    load_avg = [os.getloadavg()[0]]
     t0 = time.perf_counter()
     lm, ids, layers, note = setup(args)  # also fills the converted-model cache before the children load it
     load_s = time.perf_counter() - t0
@@ -149,6 +151,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             fn()
             times[name].append(time.perf_counter() - t)
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    load_avg.append(os.getloadavg()[0])
     rss = {mode: measure_rss(args, mode) for mode in ("plain", "full")}
 
     after_load = all(r["peak_after_load_kib"] for r in rss.values())
@@ -177,6 +180,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         }
         for measure, key, num, den, fmt in spec
     ]
+    for row, name in zip(rows, ("full", "ma"), strict=False):  # min is robust to load from other processes
+        row["ratio_min"] = min(times[name]) / min(times["plain"])
+        row["context"] += f" (min/min {row['ratio_min']:.2f})"
     if after_load:
         rows[-1]["context"] += f" (ru_maxrss incl. load: {life['full']:.0f} vs {life['plain']:.0f} MiB)"
     return {
@@ -187,6 +193,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": load_avg,  # before loading, after timing: above the CPU count, times are unreliable
         "load_s": load_s,
         "rows": rows,
         "times_s": times,
@@ -201,6 +209,9 @@ def show(result: dict[str, Any]) -> None:
         f"batch {result['batch_size']}, median of {result['repeats']}, {result['torch_threads']} threads"
     )
     print(f"data  {result['dataset']}")
+    before, after = result["load_avg_1m"]
+    busy = "  (busy machine: ratios are noisy)" if max(before, after) > (result["cpus"] or 1) else ""
+    print(f"load  1-min load average {before:.1f} before, {after:.1f} after, {result['cpus']} CPUs{busy}")
     print(f"{'measure':<40} {'ratio':>6} {'goal':>6}  {'':<4}  absolute")
     for r in result["rows"]:
         verdict = "pass" if r["pass"] else "MISS"

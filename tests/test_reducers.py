@@ -159,6 +159,15 @@ def test_out_of_order_updates_keep_global_window_indices() -> None:
     assert_matches(got, reference(chunks))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_non_contiguous_and_other_dtypes(dtype: torch.dtype) -> None:
+    x = random_windows(14).to(dtype)
+    strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, channel-major memory
+    assert not strided.is_contiguous()
+    chunks = split(strided, [2, 5])
+    assert_matches(feed(chunks), reference(chunks), rtol=1e-5)
+
+
 def test_top_k_larger_than_batch_and_zero() -> None:
     x = random_windows(2, w=3, t=2, c=2)
     chunks = split(x, [1, 2])
@@ -275,6 +284,38 @@ def test_float16_with_inf_nan_and_all_nan_window() -> None:
     assert_matches(got, ref, rtol=1e-4)
 
 
+def test_rank_selection_is_exact_with_heavy_ties(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Few distinct values (ties at and around the target rank) drive every branch of the bracket search."""
+    monkeypatch.setattr(reducers, "_SELECT_SMALL", 16)
+    monkeypatch.setattr(reducers, "_SELECT_SAMPLE", 32)
+    rng = np.random.default_rng(0)
+    probe = np.random.default_rng(1)
+    for trial in range(1500):
+        pool = rng.standard_normal(int(rng.integers(1, 6))).astype(np.float32)
+        v = rng.choice(pool, size=int(rng.integers(17, 400)))
+        if trial % 2:
+            v = np.concatenate([v, rng.standard_normal(int(rng.integers(1, 300))).astype(np.float32)])
+        rank = int(rng.integers(0, v.size))
+        assert reducers._rank_value(v.copy(), rank, probe) == np.sort(v)[rank]
+
+
+def test_tie_heavy_windows_relu_zeros_and_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reducers, "_SELECT_SMALL", 64)
+    monkeypatch.setattr(reducers, "_SELECT_SAMPLE", 64)
+    g = torch.Generator().manual_seed(15)
+    x = torch.relu(
+        torch.randn(6, 32, 16, generator=g) - torch.tensor([0.0, 0.1, 0.3, -0.2, 1.5, 0.0]).view(6, 1, 1)
+    )
+    x[5] = 0.0  # all zeros: median 0, no massive activation despite ratio * 0
+    x[5, 3, 3] = 150.0
+    causal = torch.ones(32, 16, dtype=torch.bool).tril()
+    for valid in (None, causal):
+        chunks = split(x, [2, 4], valid=valid)
+        got = feed(chunks)
+        assert_matches(got, reference(chunks))
+        assert got.window_medians[5] == 0.0 and got.ma_count == 1
+
+
 def test_channel_stats_false_skips_channels_only() -> None:
     x = random_windows(10)
     chunks = split(x, [4, 3])
@@ -303,6 +344,17 @@ def test_update_keeps_input_untouched_and_unreferenced() -> None:
     assert torch.equal(x, before)
     held = [v for v in vars(red).values() if isinstance(v, torch.Tensor) and v.numel() >= x[0].numel()]
     assert held == []
+
+
+def test_inference_mode_and_grad_inputs_share_scratch() -> None:
+    reducers.release_scratch()
+    x = random_windows(16).requires_grad_(True)
+    chunks = split(x.detach(), [3, 4])
+    red = TapReducer()
+    with torch.inference_mode():
+        red.update(chunks[0].x.clone(), 0)  # an inference tensor; scratch buffers are first made here
+    red.update(x[3:], 3)  # then a grad-requiring input outside it
+    assert_matches(red.result(), reference(chunks))
 
 
 def test_empty_reducer() -> None:

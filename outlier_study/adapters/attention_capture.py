@@ -14,9 +14,8 @@ from contextvars import ContextVar
 
 import torch
 from torch import nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 # (layer index, tap name, tensor (B, H, Tq, Tk), valid mask broadcastable to it)
 AttentionSink = Callable[[int, str, torch.Tensor, torch.Tensor], None]

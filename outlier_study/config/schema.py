@@ -109,6 +109,9 @@ class ExperimentConfig:
     name: str = MISSING
     summary_top: int = 10  # strongest MAs printed at the end
     plot3d: Plot3DConfig = field(default_factory=Plot3DConfig)
+    layer: int = 1  # table45: the layer whose x1..y7 are tabulated (the next layer is shown too)
+    value: str = "mean"  # table45: what the MAs at y6 are replaced with (zero | mean)
+    plot_layers: list[int] | None = None  # fig6: layers drawn; null = the two with the largest |a|
 
 
 @dataclass

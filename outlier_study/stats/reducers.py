@@ -46,7 +46,8 @@ def _scratch(slot: str, numel: int, dtype: torch.dtype, device: torch.device) ->
     key = (slot, dtype, device)
     buf = cache.get(key)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor stays writable in and out of inference mode
+            buf = torch.empty(numel, dtype=dtype, device=device)
         cache[key] = buf
     return buf[:numel]
 
@@ -139,6 +140,58 @@ def _floor_to(value: float, dtype: np.dtype) -> float:
     return float(v)
 
 
+# Exact rank selection (medians). Rows up to _SELECT_SMALL values are simply partitioned; larger ones are
+# first probed with a random sample of _SELECT_SAMPLE values to see whether they are tie-heavy.
+_SELECT_SMALL = 1 << 14
+_SELECT_SAMPLE = 1024
+_SELECT_TIE_FRACTION = 0.05
+
+
+def _rank_value(v: np.ndarray, rank: int, rng: np.random.Generator) -> float:
+    """The exact `rank`-th smallest value of v (0-based); v is scratch and may be reordered in place.
+
+    numpy's SIMD partition is ~10x faster than torch.median on CPU, but 20-50x slower when the target sits
+    in a long run of equal values (masked entries, exact zeros after ReLU/softmax). A sample reveals such
+    ties; then the value is bracketed between two sample quantiles, the ties at the bracket ends are
+    resolved by counting, and only the values strictly inside the bracket are partitioned.
+    """
+    n = v.size
+    if n <= _SELECT_SMALL:
+        v.partition(rank)
+        return float(v[rank])
+    m = _SELECT_SAMPLE
+    sample = v[rng.integers(0, n, m)]
+    sample.sort()
+    runs = np.diff(np.flatnonzero(np.diff(sample, prepend=np.inf, append=np.inf)))
+    if runs.max() <= _SELECT_TIE_FRACTION * m:
+        v.partition(rank)
+        return float(v[rank])
+    p = (rank + 0.5) / n
+    margin = 4.0 * math.sqrt(p * (1.0 - p) / m) + 2.0 / m
+    lo = sample[max(0, math.floor((p - margin) * m))]
+    hi = sample[min(m - 1, math.ceil((p + margin) * m))]
+    n_lt = int(np.count_nonzero(v < lo))
+    n_eq_lo = int(np.count_nonzero(v == lo))
+    if n_lt <= rank < n_lt + n_eq_lo:
+        return float(lo)
+    n_le_hi = n - int(np.count_nonzero(v > hi))
+    n_eq_hi = int(np.count_nonzero(v == hi))
+    if n_le_hi - n_eq_hi <= rank < n_le_hi:
+        return float(hi)
+    if not n_lt + n_eq_lo <= rank < n_le_hi - n_eq_hi:  # the sample bracket missed: rare, still exact
+        v.partition(rank)
+        return float(v[rank])
+    inner = v[(v > lo) & (v < hi)]
+    r = rank - n_lt - n_eq_lo
+    inner.partition(r)
+    return float(inner[r])
+
+
+def _fill_excluded(t: torch.Tensor, keep: torch.Tensor, value: float) -> None:
+    """t[~keep] = value in place; torch.where is 2-3x faster than masked_fill_ on CPU and needs no ~keep."""
+    torch.where(keep, t, torch.full((), value, dtype=t.dtype, device=t.device), out=t)
+
+
 def _use_numpy_select(t: torch.Tensor) -> bool:
     """numpy's SIMD partition is ~10x faster than torch.median on CPU; on GPUs stay on the device."""
     return t.device.type == "cpu"
@@ -169,6 +222,7 @@ class TapReducer:
         self._ch_mean: np.ndarray | None = None
         self._ch_m2: np.ndarray | None = None
         self._ch_absmax: np.ndarray | None = None
+        self._rng = np.random.default_rng(0)  # median probing only; results do not depend on it
 
     # ------------------------------------------------------------------ update
 
@@ -183,9 +237,6 @@ class TapReducer:
         if not x.is_floating_point():
             raise TypeError(f"expected a floating tensor, got {x.dtype}")
         x = x.detach()
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        x = x.contiguous()
         B, T, C = x.shape
         if self._channels is None:
             self._channels = C
@@ -200,7 +251,7 @@ class TapReducer:
         mask: torch.Tensor | None = None  # entries that enter the statistics; None = all of them
         if valid is not None:
             valid = valid.to(device=x.device, dtype=torch.bool)
-            if not bool(valid.all()):
+            if not bool(valid.view(torch.uint8).min()):  # ~30x faster than valid.all() on CPU
                 mask = valid.expand(B, T, C)
         step = max(1, _CHUNK_ELEMENTS // (T * C))
         groups: list[torch.Tensor] = []  # (6, C) moment sums per row block, see _block_moments
@@ -208,8 +259,13 @@ class TapReducer:
         tops: list[torch.Tensor] = []  # (m, 5) top-k candidates per chunk
         for lo in range(0, B, step):
             hi = min(B, lo + step)
+            xc = x[lo:hi]
+            if xc.dtype not in (torch.float32, torch.float64) or not xc.is_contiguous():
+                # Upcast / compact one chunk at a time: no full-size float32 copy of the batch.
+                dtype = xc.dtype if xc.dtype == torch.float64 else torch.float32
+                xc = _scratch("x", xc.numel(), dtype, xc.device).view(xc.shape).copy_(xc)
             chunk_mask = None if mask is None else mask[lo:hi]
-            self._update_chunk(x[lo:hi], chunk_mask, window_offset + lo, groups, absmax, tops)
+            self._update_chunk(xc, chunk_mask, window_offset + lo, groups, absmax, tops)
         self._merge_moments_and_channels(torch.stack(groups).cpu().numpy(), absmax)
         if tops:
             self._merge_top(torch.cat(tops).tolist())
@@ -227,7 +283,7 @@ class TapReducer:
         a = _scratch("abs", xc.numel(), xc.dtype, xc.device).view(bw, T, C)
         torch.abs(xc, out=a)
         if mc is not None:
-            a.masked_fill_(~mc, _INVALID)
+            _fill_excluded(a, mc, _INVALID)
         wc = a.amax(dim=1)  # (bw, C) column maxima
         top = float(wc.max())  # NaN and inf propagate: this one sync is the fast path's non-finite check
         if not math.isfinite(top):
@@ -263,7 +319,7 @@ class TapReducer:
         n_nan = int(torch.count_nonzero(nan))
         self._nan += n_nan
         self._inf += int(torch.count_nonzero(nonfinite)) - n_nan
-        a.masked_fill_(~finite, _INVALID)
+        _fill_excluded(a, finite, _INVALID)
         return finite
 
     def _chunk_top(self, xc: torch.Tensor, a: torch.Tensor, wc: torch.Tensor, offset: int) -> torch.Tensor:
@@ -285,9 +341,9 @@ class TapReducer:
 
     def _merge_top(self, rows: list[list[float]]) -> None:
         new = [
-            TopEntry(value=v, abs=s, window=int(w), token=int(t), channel=int(c))
-            for s, v, w, t, c in rows
-            if s >= 0.0  # _INVALID entries are negative
+            TopEntry(value=value, abs=absval, window=int(w), token=int(t), channel=int(c))
+            for absval, value, w, t, c in rows
+            if absval >= 0.0  # _INVALID entries are negative
         ]
         merged = self._top + new
         merged.sort(key=lambda e: e.abs, reverse=True)
@@ -310,11 +366,10 @@ class TapReducer:
             shift = (ones @ xb.to(dtype)) / rows
             torch.sub(xb, shift, out=d)
         else:
-            excluded = ~mb
-            count = (rows - torch.count_nonzero(excluded, dim=0)).to(dtype)
-            d.copy_(xb).masked_fill_(excluded, 0.0)  # also clears nan/inf, which are never valid here
+            count = ones @ d2.copy_(mb)  # column counts as a matrix-vector product (d2 is free here)
+            torch.where(mb, xb, torch.zeros((), dtype=dtype, device=dev), out=d)  # also drops nan/inf
             shift = (ones @ d) / count.clamp(min=1.0)
-            d.sub_(shift).masked_fill_(excluded, 0.0)
+            _fill_excluded(d.sub_(shift), mb, 0.0)
         torch.mul(d, d, out=d2)
         s1 = ones @ d
         s2 = ones @ d2
@@ -374,23 +429,24 @@ class TapReducer:
         bw = a.shape[0]
         rows = a.view(bw, -1)
         per_row = rows.shape[1]
-        if mc is None:
-            n_valid = [per_row] * bw
-        else:
-            n_valid = torch.count_nonzero(mc.reshape(bw, -1), dim=1).tolist()
         wmax = wc.amax(dim=1).tolist()
         rows_np = rows.numpy() if _use_numpy_select(rows) else None
         np_dtype = np.dtype(np.float64 if a.dtype == torch.float64 else np.float32)
         for b in range(bw):
-            nv = int(n_valid[b])
+            # Excluded entries are exactly the negative ones (counting these beats a reduction of the mask).
+            if mc is None:
+                nv = per_row
+            elif rows_np is not None:
+                nv = int(np.count_nonzero(rows_np[b] >= 0.0))
+            else:
+                nv = int((rows[b] >= 0.0).sum())
             if nv == 0:
                 self._medians[offset + b] = math.nan
                 continue
             rank = (per_row - nv) + (nv - 1) // 2
             if rows_np is not None:
                 row_np = rows_np[b]
-                row_np.partition(rank)  # in place: `a` is scratch
-                med = float(row_np[rank])
+                med = _rank_value(row_np, rank, self._rng)  # may reorder: `a` is scratch
             else:
                 med = float(torch.kthvalue(rows[b], rank + 1).values)
             self._medians[offset + b] = med

@@ -1,0 +1,87 @@
+"""Experiment `table1`: true vs fake MAs, where each first appears and where it is cancelled (Table 1)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import astuple, fields
+from typing import Any
+
+import numpy as np
+
+from outlier_study.attribution import MAEvent, attribute, first_appearance, tma_by_layer
+from outlier_study.context import Context
+from outlier_study.profiling import forward_windows
+from outlier_study.results import write_csv, write_table
+
+HEADER = ["layer", "top-1 TMA", "top-1 (token, channel)", "top-2 TMA", "top-2 (token, channel)", "windows"]
+
+
+def collect_events(ctx: Context, layers: list[int]) -> list[MAEvent]:
+    th = ctx.cfg.threshold
+    with attribute(ctx.lm, layers, th.ma_abs, th.ma_ratio) as att:
+        bs = ctx.cfg.dataset.batch_size
+        forward_windows(ctx.lm, ctx.windows.input_ids, bs, ctx.cfg.progress, "attribution", att)
+    return att.events
+
+
+def _rank_cell(per_window: dict[int, list[MAEvent]], rank: int) -> tuple[str, str]:
+    """Mean value over the windows that have this rank, and the most common position with its count."""
+    hits = [lst[rank] for lst in per_window.values() if len(lst) > rank]
+    if not hits:
+        return "—", "—"
+    (pos, count) = Counter((e.token, e.channel) for e in hits).most_common(1)[0]
+    return f"{np.mean([e.value for e in hits]):.2f}", f"{pos} in {count}/{len(hits)}"
+
+
+def table1_rows(events: list[MAEvent], n_layers: int, n_windows: int) -> list[list[Any]]:
+    """The first two layers that generate TMAs and the model's last two layers (paper layout)."""
+    by_layer = tma_by_layer(events)
+    chosen = sorted(by_layer)[:2] + [n_layers - 2, n_layers - 1]
+    rows = []
+    for layer in sorted(set(chosen)):
+        per_window = by_layer.get(layer, {})
+        top1, top2 = _rank_cell(per_window, 0), _rank_cell(per_window, 1)
+        rows.append([layer, top1[0], top1[1], top2[0], top2[1], f"{len(per_window)}/{n_windows}"])
+    return rows
+
+
+LIFECYCLE_HEADER = ["channel", "generated (TMA) at layers", "cancelled at", "faded at", "windows"]
+
+
+def lifecycle_rows(events: list[MAEvent]) -> list[list[Any]]:
+    """Per channel: the layers that generate its MAs and the sublayers where they are cancelled."""
+    by_channel: dict[int, list[MAEvent]] = {}
+    for e in events:
+        by_channel.setdefault(e.channel, []).append(e)
+
+    def where(evs: list[MAEvent], kind: str) -> str:
+        found = Counter(f"{e.layer}" if kind == "TMA" else f"{e.layer} {e.site}" for e in evs if e.kind == kind)
+        return ", ".join(f"{k} (×{n})" for k, n in sorted(found.items())) or "—"
+
+    rows = []
+    for channel, evs in sorted(by_channel.items(), key=lambda kv: -max(abs(e.value) for e in kv[1])):
+        windows = len({e.window for e in evs})
+        rows.append([channel, where(evs, "TMA"), where(evs, "cancelled"), where(evs, "faded"), windows])
+    return rows
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    events = collect_events(ctx, ctx.layers)
+    write_csv(ctx.job_dir / "ma_events.csv", [f.name for f in fields(MAEvent)], [astuple(e) for e in events])
+    n_windows = ctx.windows.input_ids.shape[0]
+    rows = table1_rows(events, ctx.lm.n_layers, n_windows)
+    text = write_table(ctx.tables_dir, "table1", HEADER, rows)
+    print(f"\nTable 1 — top TMAs per layer (values averaged over windows; layers from 0), {ctx.cfg.model.name}:")
+    print(text)
+    life = write_table(ctx.tables_dir, "ma_lifecycle", LIFECYCLE_HEADER, lifecycle_rows(events))
+    print("Where residual MAs are generated and cancelled, per channel (counts over windows):")
+    print(life)
+    kinds = Counter(e.kind for e in events)
+    first = first_appearance(events)
+    return {
+        "tma_count": kinds["TMA"],
+        "fma_count": kinds["FMA"],
+        "cancelled_count": kinds["cancelled"],
+        "faded_count": kinds["faded"],
+        "first_tma_layer": min(first.values()) if first else -1,
+    }

@@ -1,0 +1,51 @@
+"""Interventions chosen by the `intervention` config group; each is a context manager that leaves the model
+exactly as it found it (DESIGN §3), also when the body raises."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from outlier_study.errors import ConfigError
+from outlier_study.interventions.massive import InterventionLog, editable_taps, replace_massive
+from outlier_study.interventions.residual import remove_residual_mas
+
+if TYPE_CHECKING:
+    from outlier_study.models.loader import LoadedModel
+
+INTERVENTIONS: tuple[str, ...] = ("none", "massive", "residual")
+
+
+def _value(x: Any) -> Any:
+    return getattr(x, "value", x)
+
+
+@contextmanager
+def intervention(lm: LoadedModel, cfg: Any, threshold: Any) -> Iterator[InterventionLog | None]:
+    """Apply the intervention `cfg` (an InterventionConfig) with the MA rule of `threshold` for the block;
+    yields its log, or None for `none`."""
+    name = _value(cfg.name)
+    if name == "none":
+        yield None
+        return
+    layers = None if cfg.layers is None else [int(i) for i in cfg.layers]
+    ma_abs, ma_ratio = float(threshold.ma_abs), float(threshold.ma_ratio)
+    if name == "massive":
+        with replace_massive(lm, _value(cfg.tap), layers, _value(cfg.value), ma_abs, ma_ratio) as log:
+            yield log
+    elif name == "residual":
+        with remove_residual_mas(lm, layers, _value(cfg.value), ma_abs, ma_ratio) as log:
+            yield log
+    else:
+        raise ConfigError("intervention.name", f"unknown intervention '{name}'", allowed=INTERVENTIONS)
+
+
+__all__ = [
+    "INTERVENTIONS",
+    "InterventionLog",
+    "editable_taps",
+    "intervention",
+    "remove_residual_mas",
+    "replace_massive",
+]
