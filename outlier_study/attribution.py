@@ -63,7 +63,9 @@ class Attributor:
         if tap in (self.attn_branch, self.mlp_branch):
             self._branch = x
         elif tap != "resid.pre":
-            before, branch = ("resid.pre", self.attn_branch) if tap == "resid.mid" else ("resid.mid", self.mlp_branch)
+            before, branch = (
+                ("resid.pre", self.attn_branch) if tap == "resid.mid" else ("resid.mid", self.mlp_branch)
+            )
             generated = self._mas[branch]
             for (b, t, c), value in found.items():
                 self._event(layer, tap, (b, t, c), value, "TMA" if (b, t, c) in generated else "FMA")

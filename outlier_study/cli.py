@@ -48,7 +48,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Errors in the user's input: one line on stderr, exit code 2; other failures keep their traceback."""
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let composition errors reach us instead of Hydra's printer
+    os.environ.setdefault(
+        "HYDRA_FULL_ERROR", "1"
+    )  # let composition errors reach us instead of Hydra's printer
     try:
         _hydra_main()
     except (HydraException, OmegaConfBaseException) as err:

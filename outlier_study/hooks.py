@@ -44,7 +44,7 @@ def _output_hook(layer: int, taps: Derived, sink: TapSink) -> Callable[..., None
 def tap_hooks(
     model: nn.Module, adapter: Adapter, taps: list[str], layers: list[int], sink: TapSink
 ) -> Iterator[None]:
-    """Hook `taps` at `layers` of an unmodified HF model; every hook is gone after the block, even on error."""
+    """Hook `taps` at `layers` of an unmodified model; all hooks are gone after the block (even on errors)."""
     with ExitStack() as stack:
         blocks = adapter.layers(model)
         for layer in layers:

@@ -30,7 +30,14 @@ def layer_tops_figure(
     for i, (tap, (tops, medians)) in enumerate(panels.items()):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         for rank in range(tops.shape[1]):
-            ax.plot(layers, tops[:, rank], marker=markers[rank % len(markers)], ms=3, lw=1, label=f"top-{rank + 1}")
+            ax.plot(
+                layers,
+                tops[:, rank],
+                marker=markers[rank % len(markers)],
+                ms=3,
+                lw=1,
+                label=f"top-{rank + 1}",
+            )
         ax.plot(layers, medians, color="gray", ls="--", lw=1, label="median")
         ax.set_yscale("log")
         ax.set_title(tap, fontsize=9)
@@ -47,7 +54,9 @@ def abs_surface_figure(values: np.ndarray, token_labels: Sequence[str], title: s
     ax = fig.add_subplot(projection="3d")
     n_tokens, n_channels = values.shape
     tok, ch = np.meshgrid(np.arange(n_tokens), np.arange(n_channels), indexing="ij")
-    ax.plot_surface(ch, tok, values, cmap="coolwarm", linewidth=0, antialiased=False, rcount=n_tokens, ccount=200)
+    ax.plot_surface(
+        ch, tok, values, cmap="coolwarm", linewidth=0, antialiased=False, rcount=n_tokens, ccount=200
+    )
     ax.set_xlabel("channel")
     ax.set_ylabel("token")
     ax.set_zlabel("|activation|")

@@ -44,7 +44,9 @@ class Profile:
 class Profiler:
     """Owns one reducer per (layer, tap); the hook sink feeds them and keeps nothing else."""
 
-    def __init__(self, taps: list[str], layers: list[int], top_k: int, ma_abs: float, ma_ratio: float) -> None:
+    def __init__(
+        self, taps: list[str], layers: list[int], top_k: int, ma_abs: float, ma_ratio: float
+    ) -> None:
         self.taps, self.layers = taps, layers
         self.reducers = {
             (layer, tap): TapReducer(top_k, ma_abs, ma_ratio, channel_stats=tap not in ATTENTION_TAPS)
@@ -116,7 +118,9 @@ def _capture_one(lm: LoadedModel, layer: int, tap: str, out: list[torch.Tensor])
         yield
 
 
-def capture_abs_slice(lm: LoadedModel, window: torch.Tensor, layer: int, tap: str, max_tokens: int) -> np.ndarray:
+def capture_abs_slice(
+    lm: LoadedModel, window: torch.Tensor, layer: int, tap: str, max_tokens: int
+) -> np.ndarray:
     """|a| (tokens × channels) of one window at one (layer, tap), for the Fig. 6-style 3-D plot only."""
     out: list[torch.Tensor] = []
     with _capture_one(lm, layer, tap, out):

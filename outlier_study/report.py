@@ -12,7 +12,18 @@ from outlier_study.stats.reducers import TapStats, TopEntry
 
 LAYER_STATS_HEADER = ("layer", "tap", "statistic", "value")
 TOPK_HEADER = (
-    "layer", "tap", "rank", "value", "abs", "window", "token", "channel", "head", "token_id", "token_text", "is_ma"
+    "layer",
+    "tap",
+    "rank",
+    "value",
+    "abs",
+    "window",
+    "token",
+    "channel",
+    "head",
+    "token_id",
+    "token_text",
+    "is_ma",
 )
 
 
@@ -61,7 +72,11 @@ def position(tap: str, entry: TopEntry, seq_len: int) -> Position:
 
 
 def topk_rows(
-    stats: StatsByTap, input_ids: np.ndarray, decode: callable, ma_abs: float, ma_ratio: float  # type: ignore[valid-type]
+    stats: StatsByTap,
+    input_ids: np.ndarray,
+    decode: callable,
+    ma_abs: float,
+    ma_ratio: float,  # type: ignore[valid-type]
 ) -> list[tuple[object, ...]]:
     """Top-k |a| of every (layer, tap) with signed value, position and token text."""
     rows: list[tuple[object, ...]] = []
@@ -71,9 +86,20 @@ def topk_rows(
             pos = position(tap, e, seq_len)
             token_id = int(input_ids[e.window, pos.token])
             rows.append(
-                (layer, tap, rank, e.value, e.abs, e.window, pos.token, pos.channel,
-                 "" if pos.head is None else pos.head, token_id, decode(token_id),
-                 int(is_massive(e, s, ma_abs, ma_ratio)))
+                (
+                    layer,
+                    tap,
+                    rank,
+                    e.value,
+                    e.abs,
+                    e.window,
+                    pos.token,
+                    pos.channel,
+                    "" if pos.head is None else pos.head,
+                    token_id,
+                    decode(token_id),
+                    int(is_massive(e, s, ma_abs, ma_ratio)),
+                )
             )
     return rows
 

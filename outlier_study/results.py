@@ -42,7 +42,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    text = json.dumps(payload, indent=2, default=lambda o: _jsonable(o) if not isinstance(o, Path) else str(o))
+    text = json.dumps(
+        payload, indent=2, default=lambda o: _jsonable(o) if not isinstance(o, Path) else str(o)
+    )
     _atomic_bytes(path, (text + "\n").encode())
 
 

@@ -1,4 +1,4 @@
-"""Every adapter, on a tiny random model of its architecture: taps resolve, identities hold, logits unchanged."""
+"""Each adapter on a tiny random model: taps resolve, identities hold, logits unchanged."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def capture_all(lm: LoadedModel, ids: torch.Tensor) -> tuple[Captured, torch.Ten
     return got, logits
 
 
-def test_every_tap_fires_once_per_layer_and_logits_are_identical(tiny: LoadedModel, token_ids: torch.Tensor) -> None:
+def test_every_tap_fires_once_per_layer_and_logits_are_identical(
+    tiny: LoadedModel, token_ids: torch.Tensor
+) -> None:
     with torch.no_grad():
         plain = tiny.model(token_ids).logits
     got, hooked = capture_all(tiny, token_ids)
@@ -36,7 +38,9 @@ def test_every_tap_fires_once_per_layer_and_logits_are_identical(tiny: LoadedMod
     assert set(got) == expected
 
 
-def test_no_hook_or_attention_function_left_behind_even_on_error(tiny: LoadedModel, token_ids: torch.Tensor) -> None:
+def test_no_hook_or_attention_function_left_behind_even_on_error(
+    tiny: LoadedModel, token_ids: torch.Tensor
+) -> None:
     impl = tiny.model.config._attn_implementation
 
     def count_hooks() -> int:
@@ -76,7 +80,9 @@ def test_operator_identities(tiny: LoadedModel, token_ids: torch.Tensor) -> None
             rebuilt = t[f"{side}.norm_std"].float() * gamma
             if getattr(norm, "bias", None) is not None:
                 rebuilt = rebuilt + norm.bias
-            torch.testing.assert_close(rebuilt.to(t[f"{side}.norm"].dtype), t[f"{side}.norm"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                rebuilt.to(t[f"{side}.norm"].dtype), t[f"{side}.norm"], rtol=1e-5, atol=1e-6
+            )
         if layer + 1 < tiny.n_layers:
             assert torch.equal(t["resid.post"], got[(layer + 1, "resid.pre")][0])
 
@@ -116,8 +122,14 @@ def test_attention_probs_match_eager_attention_weights(tiny: LoadedModel, token_
 
 @pytest.mark.parametrize(
     ("alias", "gated", "gpt2"),
-    [("x1", "resid.pre", "resid.pre"), ("x9", "attn.out", "attn.out"), ("y4", "mlp.up", "mlp.hidden"),
-     ("y6", "mlp.hidden", "mlp.hidden"), ("attn.in", "resid.pre", "resid.pre"), ("mlp.in", "resid.mid", "resid.mid")],
+    [
+        ("x1", "resid.pre", "resid.pre"),
+        ("x9", "attn.out", "attn.out"),
+        ("y4", "mlp.up", "mlp.hidden"),
+        ("y6", "mlp.hidden", "mlp.hidden"),
+        ("attn.in", "resid.pre", "resid.pre"),
+        ("mlp.in", "resid.mid", "resid.mid"),
+    ],
 )
 def test_paper_aliases_resolve_per_family(tiny: LoadedModel, alias: str, gated: str, gpt2: str) -> None:
     expected = gpt2 if tiny.adapter.family == "gpt2" else gated
@@ -150,7 +162,11 @@ def test_unsupported_model_type_is_a_config_error() -> None:
 
     from outlier_study.models.tiny import tiny_config
 
-    model = AutoModelForCausalLM.from_config(tiny_config("gpt_neox", {"hidden_size": 32, "num_attention_heads": 4,
-                                                                       "num_hidden_layers": 1, "vocab_size": 300}))
+    model = AutoModelForCausalLM.from_config(
+        tiny_config(
+            "gpt_neox",
+            {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 1, "vocab_size": 300},
+        )
+    )
     with pytest.raises(ConfigError, match=r"model: unsupported model_type 'gpt_neox'.*allowed: .*llama"):
         adapter_for(model)

@@ -60,8 +60,16 @@ def test_topk_positions_point_at_the_recorded_values(tmp_path: Path) -> None:
 
     windows = build_windows(cfg.dataset, lm.tokenizer, lm.max_context)
     seen: dict[tuple[int, str], torch.Tensor] = {}
-    with torch.no_grad(), tap_hooks(lm.model, lm.adapter, ["resid.post", "mlp.hidden", "attn.probs"], [0, 1, 2],
-                                    lambda layer, tap, x, v: seen.__setitem__((layer, tap), x.clone())):
+    with (
+        torch.no_grad(),
+        tap_hooks(
+            lm.model,
+            lm.adapter,
+            ["resid.post", "mlp.hidden", "attn.probs"],
+            [0, 1, 2],
+            lambda layer, tap, x, v: seen.__setitem__((layer, tap), x.clone()),
+        ),
+    ):
         lm.model(windows.input_ids)
     for r in read_csv(job / "topk.csv"):
         x = seen[(int(r["layer"]), r["tap"])]

@@ -17,7 +17,10 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [*CLI, *args, f"paths.output_root={tmp_path}", "progress=false"],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 
@@ -34,9 +37,15 @@ def test_tiny_job_succeeds(tmp_path: Path) -> None:
     ("args", "expected"),
     [
         (("model=nope",), "error: model: unknown option 'nope' (allowed: gemma3-270m,"),
-        (("dataset=nope",), "error: dataset: unknown option 'nope' (allowed: c4, embedded, local_text, wikitext2)"),
+        (
+            ("dataset=nope",),
+            "error: dataset: unknown option 'nope' (allowed: c4, embedded, local_text, wikitext2)",
+        ),
         (("dataset.seqlen=4",), "error: dataset.seqlen: Key 'seqlen' not in 'DatasetConfig'"),
-        (("dtype=float8",), "error: dtype: Invalid value 'float8', expected one of [float32, bfloat16, float16]"),
+        (
+            ("dtype=float8",),
+            "error: dtype: Invalid value 'float8', expected one of [float32, bfloat16, float16]",
+        ),
         (("model=tiny-gpt2", "taps=[y4,mlp.up]"), "error: taps: tap 'mlp.up' does not exist in gpt2 models"),
     ],
 )

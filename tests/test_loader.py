@@ -47,7 +47,11 @@ def test_random_init_is_seeded(tmp_path: Path) -> None:
         (("model=local", "model.path=/nonexistent"), "cpu", "model.path: no such directory"),
         (("model=gguf", "model.path=/nonexistent.gguf"), "cpu", "model.path: no such GGUF file"),
         (("model=gguf",), "cpu", "model.path: a .gguf file is required"),
-        (("model=tiny-llama", "model.package=nope", "model.source=embedded"), "cpu", "model.package: package 'nope'"),
+        (
+            ("model=tiny-llama", "model.package=nope", "model.source=embedded"),
+            "cpu",
+            "model.package: package 'nope'",
+        ),
         (("model=tiny-llama",), "tpu", "device: unknown device 'tpu'"),
     ],
 )

@@ -97,13 +97,21 @@ SMALL = ("dataset.seq_len=40", "dataset.n_windows=2", "progress=false")
         ("table2", ["tables/table2.md", "tables/table2.csv", "perplexity.json"]),
         ("table45", ["tables/table45.md"]),
         ("fig4", ["figures/fig4_layer_inputs.png", "tables/fig4_tops.csv"]),
-        ("fig6", ["figures/fig6_resid.pre_layer0_original.png", "figures/fig6_resid.pre_layer0_residual_removed.png"]),
+        (
+            "fig6",
+            [
+                "figures/fig6_resid.pre_layer0_original.png",
+                "figures/fig6_resid.pre_layer0_residual_removed.png",
+            ],
+        ),
         ("perplexity", ["perplexity.json"]),
     ],
 )
 def test_experiments_write_their_results(tmp_path: Path, experiment: str, files: list[str]) -> None:
     extra = ["experiment.plot_layers=[0,2]"] if experiment == "fig6" else []
-    job = run(make_cfg(f"experiment={experiment}", "model=tiny-gemma3", *SMALL, *extra), job_dir=tmp_path / "j")
+    job = run(
+        make_cfg(f"experiment={experiment}", "model=tiny-gemma3", *SMALL, *extra), job_dir=tmp_path / "j"
+    )
     assert json.loads((job / "status.json").read_text())["status"] == "ok"
     for f in files:
         assert (job / f).stat().st_size > 0, f

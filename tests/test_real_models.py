@@ -22,7 +22,9 @@ pytestmark = pytest.mark.real
 def test_smollm2_has_massive_activations_in_middle_layers(smollm2: LoadedModel, wikitext: Path) -> None:
     from outlier_study.data import build_windows
 
-    cfg = make_cfg("dataset=wikitext2", f"dataset.path={wikitext}", "dataset.seq_len=256", "dataset.n_windows=2")
+    cfg = make_cfg(
+        "dataset=wikitext2", f"dataset.path={wikitext}", "dataset.seq_len=256", "dataset.n_windows=2"
+    )
     windows = build_windows(cfg.dataset, smollm2.tokenizer, smollm2.max_context)
     n = smollm2.n_layers
     middle = list(range(n // 4, 3 * n // 4))
@@ -37,16 +39,24 @@ def test_smollm2_has_massive_activations_in_middle_layers(smollm2: LoadedModel, 
     layer, entry = max(found, key=lambda le: le[1].abs)
     # The reported position holds the reported value in a fresh forward pass.
     seen: list[torch.Tensor] = []
-    with torch.no_grad(), tap_hooks(smollm2.model, smollm2.adapter, ["resid.post"], [layer],
-                                    lambda *a: seen.append(a[2].clone())):
+    with (
+        torch.no_grad(),
+        tap_hooks(
+            smollm2.model, smollm2.adapter, ["resid.post"], [layer], lambda *a: seen.append(a[2].clone())
+        ),
+    ):
         smollm2.model(windows.input_ids[entry.window : entry.window + 1])
     assert float(seen[0][0, entry.token, entry.channel]) == pytest.approx(entry.value, rel=1e-5)
 
 
 def test_smollm2_profile_job_reports_mas(tmp_path: Path, smollm2: LoadedModel) -> None:
     job = run(
-        make_cfg("dataset.seq_len=128", "dataset.n_windows=2", "taps=[resid.pre,resid.post,mlp.hidden]",
-                 "progress=false"),
+        make_cfg(
+            "dataset.seq_len=128",
+            "dataset.n_windows=2",
+            "taps=[resid.pre,resid.post,mlp.hidden]",
+            "progress=false",
+        ),
         job_dir=tmp_path / "job",
     )
     rows = read_csv(job / "tables" / "massive_activations.csv")
@@ -54,10 +64,19 @@ def test_smollm2_profile_job_reports_mas(tmp_path: Path, smollm2: LoadedModel) -
     assert json.loads((job / "metrics.json").read_text())["ma_count_total"] > 0
 
 
-def test_gemma3_float16_reports_overflow_instead_of_crashing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_gemma3_float16_reports_overflow_instead_of_crashing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     job = run(
-        make_cfg("model=gemma3-270m", "dtype=float16", "dataset.seq_len=128", "dataset.n_windows=2",
-                 "taps=[resid.post]", "progress=false", "experiment.plot3d.max_tokens=8"),
+        make_cfg(
+            "model=gemma3-270m",
+            "dtype=float16",
+            "dataset.seq_len=128",
+            "dataset.n_windows=2",
+            "taps=[resid.post]",
+            "progress=false",
+            "experiment.plot3d.max_tokens=8",
+        ),
         job_dir=tmp_path / "job",
     )
     metrics = json.loads((job / "metrics.json").read_text())

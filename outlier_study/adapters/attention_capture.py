@@ -26,7 +26,9 @@ _STATE: ContextVar[tuple[str, AttentionSink, frozenset[str], frozenset[int]] | N
 _PREFIX = "outlier_capture_"
 
 
-def _original_function(module: nn.Module, impl: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+def _original_function(
+    module: nn.Module, impl: str
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
     """The attention function the model would have used, eager being module-specific."""
     eager = sys.modules[type(module).__module__].eager_attention_forward  # type: ignore[attr-defined]
     return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)

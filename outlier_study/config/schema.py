@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
-class Source(str, Enum):
+class Source(StrEnum):
     """Where a model's weights come from."""
 
     random = "random"
@@ -20,18 +20,18 @@ class Source(str, Enum):
     embedded = "embedded"
 
 
-class DType(str, Enum):
+class DType(StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
 
 
-class Sampling(str, Enum):
+class Sampling(StrEnum):
     contiguous = "contiguous"
     random = "random"
 
 
-class BosPolicy(str, Enum):
+class BosPolicy(StrEnum):
     """none: windows are plain text tokens; prepend: each window starts with BOS (seq_len counts it)."""
 
     none = "none"

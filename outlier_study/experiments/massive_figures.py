@@ -19,8 +19,15 @@ CONDITIONS = ("original", "residual MAs removed")
 def _inputs_profile(ctx: Context) -> Profile:
     th = ctx.cfg.threshold
     return profile_windows(
-        ctx.lm, ctx.windows.input_ids, ["resid.pre"], ctx.layers, top_k=th.top_k, ma_abs=th.ma_abs,
-        ma_ratio=th.ma_ratio, batch_size=ctx.cfg.dataset.batch_size, progress=ctx.cfg.progress,
+        ctx.lm,
+        ctx.windows.input_ids,
+        ["resid.pre"],
+        ctx.layers,
+        top_k=th.top_k,
+        ma_abs=th.ma_abs,
+        ma_ratio=th.ma_ratio,
+        batch_size=ctx.cfg.dataset.batch_size,
+        progress=ctx.cfg.progress,
     )
 
 
@@ -41,16 +48,23 @@ def run_fig4(ctx: Context) -> dict[str, Any]:
         for i, layer in enumerate(prof.layers):
             top = prof.stats[(layer, "resid.pre")].top
             tops[i, : len(top)] = [e.abs for e in top]
-            rows += [[condition, layer, r + 1, f"{e.value:.2f}", e.window, e.token, e.channel] for r, e in enumerate(top)]
+            rows += [
+                [condition, layer, r + 1, f"{e.value:.2f}", e.window, e.token, e.channel]
+                for r, e in enumerate(top)
+            ]
         medians = [prof.stats[(layer, "resid.pre")].median_abs for layer in prof.layers]
         panels[condition] = (tops, medians)
     title = f"{ctx.cfg.model.name}: top-{k} |a| of layer inputs"
-    write_figure(ctx.figures_dir / "fig4_layer_inputs.png", plotting.layer_tops_figure(original.layers, panels, title))
+    write_figure(
+        ctx.figures_dir / "fig4_layer_inputs.png", plotting.layer_tops_figure(original.layers, panels, title)
+    )
     header = ["condition", "layer", "rank", "value", "window", "token", "channel"]
     write_table(ctx.tables_dir, "fig4_tops", header, rows)
     peak = {c: float(np.nanmax(p[0][:, 0])) for c, p in panels.items()}
-    print(f"\nFig. 4 — largest |a| at any layer input: original {peak[CONDITIONS[0]]:.2f}, "
-          f"residual MAs removed {peak[CONDITIONS[1]]:.2f} (figure: {ctx.figures_dir / 'fig4_layer_inputs.png'})")
+    print(
+        f"\nFig. 4 — largest |a| at any layer input: original {peak[CONDITIONS[0]]:.2f}, "
+        f"residual MAs removed {peak[CONDITIONS[1]]:.2f} (figure: figures/fig4_layer_inputs.png)"
+    )
     return {"max_abs_original": peak[CONDITIONS[0]], "max_abs_residual_removed": peak[CONDITIONS[1]]}
 
 
@@ -61,7 +75,9 @@ def run_fig6(ctx: Context) -> dict[str, Any]:
     layers = ctx.cfg.experiment.plot_layers
     if layers is None:
         prof = profile_windows(ctx.lm, ctx.windows.input_ids[:1], [tap], ctx.layers, progress=False)
-        layers = sorted(sorted(ctx.layers, key=lambda lay: -np.nan_to_num(prof.stats[(lay, tap)].max_abs))[:2])
+        layers = sorted(
+            sorted(ctx.layers, key=lambda lay: -np.nan_to_num(prof.stats[(lay, tap)].max_abs))[:2]
+        )
     from outlier_study.adapters import resolve_layers
 
     layers = resolve_layers(ctx.lm.n_layers, list(layers), "experiment.plot_layers")

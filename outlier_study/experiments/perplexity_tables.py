@@ -15,7 +15,9 @@ from outlier_study.results import write_json, write_table
 
 def _ppl(ctx: Context, desc: str) -> Perplexity:
     bs = ctx.cfg.dataset.batch_size
-    return evaluate_perplexity(ctx.lm, ctx.windows.input_ids, batch_size=bs, progress=ctx.cfg.progress, desc=desc)
+    return evaluate_perplexity(
+        ctx.lm, ctx.windows.input_ids, batch_size=bs, progress=ctx.cfg.progress, desc=desc
+    )
 
 
 def protocol(ctx: Context) -> dict[str, Any]:
@@ -33,11 +35,25 @@ def run_perplexity(ctx: Context) -> dict[str, Any]:
     with intervention(ctx.lm, ctx.cfg.intervention, th) as log:
         result = _ppl(ctx, f"perplexity ({ctx.cfg.intervention.name})")
     changed = log.total if log is not None else 0
-    write_json(ctx.job_dir / "perplexity.json", {**protocol(ctx), "intervention": ctx.cfg.intervention.name,
-                                                 "ppl": result.ppl, "n_tokens": result.n_tokens,
-                                                 "changed_elements": changed})
-    print(f"\nperplexity ({ctx.cfg.intervention.name}): {result.ppl:.4f} over {result.n_tokens} predicted tokens")
-    return {"ppl": result.ppl, "mean_nll": result.mean_nll, "n_tokens": result.n_tokens, "changed_elements": changed}
+    write_json(
+        ctx.job_dir / "perplexity.json",
+        {
+            **protocol(ctx),
+            "intervention": ctx.cfg.intervention.name,
+            "ppl": result.ppl,
+            "n_tokens": result.n_tokens,
+            "changed_elements": changed,
+        },
+    )
+    print(
+        f"\nperplexity ({ctx.cfg.intervention.name}): {result.ppl:.4f} ({result.n_tokens} predicted tokens)"
+    )
+    return {
+        "ppl": result.ppl,
+        "mean_nll": result.mean_nll,
+        "n_tokens": result.n_tokens,
+        "changed_elements": changed,
+    }
 
 
 TABLE2_COLUMNS: tuple[tuple[str, str | None, str | None], ...] = (
@@ -58,18 +74,28 @@ def run_table2(ctx: Context) -> dict[str, Any]:
     for column, tap, value in TABLE2_COLUMNS:
         make: Callable[[], AbstractContextManager[Any]] = (
             (lambda t=tap, v=value: replace_massive(ctx.lm, t, layers, v, th.ma_abs, th.ma_ratio))
-            if tap else nullcontext
+            if tap
+            else nullcontext
         )
         with make() as log:
             results[column] = _ppl(ctx, f"table2 {column}").ppl
         changed[column] = log.total if log is not None else 0
     header = ["dataset", *results]
-    rows = [[ctx.cfg.dataset.name, *(f"{v:.3f}" for v in results.values())],
-            ["replaced elements", *changed.values()]]
+    rows = [
+        [ctx.cfg.dataset.name, *(f"{v:.3f}" for v in results.values())],
+        ["replaced elements", *changed.values()],
+    ]
     text = write_table(ctx.tables_dir, "table2", header, rows)
-    write_json(ctx.job_dir / "perplexity.json", {**protocol(ctx), "ppl": results, "changed_elements": changed})
+    write_json(
+        ctx.job_dir / "perplexity.json", {**protocol(ctx), "ppl": results, "changed_elements": changed}
+    )
     print(f"\nTable 2 — token-level perplexity, {ctx.cfg.model.name}, {ctx.cfg.dataset.name}:")
     print(text)
-    slug = {"original": "ppl_original", "y6 → mean": "ppl_y6_mean", "y6 → zero": "ppl_y6_zero",
-            "y7 → mean": "ppl_y7_mean", "y7 → zero": "ppl_y7_zero"}
+    slug = {
+        "original": "ppl_original",
+        "y6 → mean": "ppl_y6_mean",
+        "y6 → zero": "ppl_y6_zero",
+        "y7 → mean": "ppl_y7_mean",
+        "y7 → zero": "ppl_y7_zero",
+    }
     return {slug[k]: v for k, v in results.items()}

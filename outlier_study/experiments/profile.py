@@ -60,7 +60,10 @@ def write_surface_figure(ctx: Context, prof: Profile) -> None:
     values = capture_abs_slice(ctx.lm, window, int(layer), tap, p3.max_tokens)
     labels = [token_text(ctx.lm.tokenizer, int(t)) for t in window[: values.shape[0]]]
     title = f"{ctx.cfg.model.name}: |{tap}| at layer {layer}"
-    write_figure(ctx.figures_dir / f"surface_{tap}_layer{layer}.png", plotting.abs_surface_figure(values, labels, title))
+    write_figure(
+        ctx.figures_dir / f"surface_{tap}_layer{layer}.png",
+        plotting.abs_surface_figure(values, labels, title),
+    )
 
 
 def ma_summary(rows: list[tuple[object, ...]], limit: int) -> tuple[list[str], list[list[object]]]:
@@ -94,7 +97,9 @@ def run(ctx: Context) -> dict[str, Any]:
     write_text(ctx.tables_dir / "massive_activations.md", markdown_table(header, summary))
     write_csv(ctx.tables_dir / "massive_activations.csv", header, summary)
 
-    print(f"\nStrongest massive activations (|a| > {th.ma_abs:g} and ≥ {th.ma_ratio:g}× median; layers from 0):")
+    print(
+        f"\nStrongest massive activations (|a| > {th.ma_abs:g} and ≥ {th.ma_ratio:g}× median; layers from 0):"
+    )
     print(markdown_table(header, summary) if summary else "  none found\n")
     overflow = report.nonfinite_summary(prof.stats)
     if overflow:

@@ -55,7 +55,9 @@ def lifecycle_rows(events: list[MAEvent]) -> list[list[Any]]:
         by_channel.setdefault(e.channel, []).append(e)
 
     def where(evs: list[MAEvent], kind: str) -> str:
-        found = Counter(f"{e.layer}" if kind == "TMA" else f"{e.layer} {e.site}" for e in evs if e.kind == kind)
+        found = Counter(
+            f"{e.layer}" if kind == "TMA" else f"{e.layer} {e.site}" for e in evs if e.kind == kind
+        )
         return ", ".join(f"{k} (×{n})" for k, n in sorted(found.items())) or "—"
 
     rows = []
@@ -71,7 +73,9 @@ def run(ctx: Context) -> dict[str, Any]:
     n_windows = ctx.windows.input_ids.shape[0]
     rows = table1_rows(events, ctx.lm.n_layers, n_windows)
     text = write_table(ctx.tables_dir, "table1", HEADER, rows)
-    print(f"\nTable 1 — top TMAs per layer (values averaged over windows; layers from 0), {ctx.cfg.model.name}:")
+    print(
+        f"\nTable 1 — top TMAs per layer (values averaged over windows; layers from 0), {ctx.cfg.model.name}:"
+    )
     print(text)
     life = write_table(ctx.tables_dir, "ma_lifecycle", LIFECYCLE_HEADER, lifecycle_rows(events))
     print("Where residual MAs are generated and cancelled, per channel (counts over windows):")

@@ -41,19 +41,33 @@ def run(ctx: Context) -> dict[str, Any]:
     profiles: dict[str, Profile] = {}
     for condition in ("original", f"y6 → {exp.value}"):
         ctxm = (
-            nullcontext() if condition == "original"
+            nullcontext()
+            if condition == "original"
             else replace_massive(ctx.lm, "mlp.hidden", [exp.layer], exp.value, th.ma_abs, th.ma_ratio)
         )
         with ctxm:
             profiles[condition] = profile_windows(
-                ctx.lm, ctx.windows.input_ids, taps, layers, top_k=2, ma_abs=th.ma_abs, ma_ratio=th.ma_ratio,
-                batch_size=ctx.cfg.dataset.batch_size, progress=ctx.cfg.progress, desc=f"table45 {condition}",
+                ctx.lm,
+                ctx.windows.input_ids,
+                taps,
+                layers,
+                top_k=2,
+                ma_abs=th.ma_abs,
+                ma_ratio=th.ma_ratio,
+                batch_size=ctx.cfg.dataset.batch_size,
+                progress=ctx.cfg.progress,
+                desc=f"table45 {condition}",
             )
     header = ["tap", "canonical"] + [f"layer {lay} {c} (top-1 / top-2)" for lay in layers for c in profiles]
-    rows = [[alias, tap] + [_cell(p, lay, tap) for lay in layers for p in profiles.values()] for alias, tap in names]
+    rows = [
+        [alias, tap] + [_cell(p, lay, tap) for lay in layers for p in profiles.values()]
+        for alias, tap in names
+    ]
     text = write_table(ctx.tables_dir, "table45", header, rows)
-    print(f"\nTables 4/5 — top-2 signed values at each tap, {ctx.cfg.model.name} (layers from 0; "
-          f"MAs at y6 of layer {exp.layer} replaced by {exp.value}):")
+    print(
+        f"\nTables 4/5 — top-2 signed values at each tap, {ctx.cfg.model.name} (layers from 0; "
+        f"MAs at y6 of layer {exp.layer} replaced by {exp.value}):"
+    )
     print(text)
     removed = profiles[f"y6 → {exp.value}"]
     return {

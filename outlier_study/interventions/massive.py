@@ -17,7 +17,7 @@ from torch import nn
 from outlier_study.adapters import resolve_layers
 from outlier_study.adapters.base import ATTENTION_TAPS, Adapter
 from outlier_study.errors import ConfigError
-from outlier_study.stats.massive import ma_mask
+from outlier_study.stats.massive import ma_mask, may_hold_ma
 
 if TYPE_CHECKING:
     from outlier_study.models.loader import LoadedModel
@@ -110,10 +110,7 @@ def _resolve_tap(adapter: Adapter, tap: str) -> str:
 def masked(x: torch.Tensor, ma_abs: float, ma_ratio: float) -> torch.Tensor | None:
     """The MA mask of x, or None when no element can be one: one min/max reduction instead of a median
     per window on every hooked tensor of every forward pass, since most hold no MA at all."""
-    lo, hi = torch.aminmax(x)
-    if not (bool(hi > ma_abs) or bool(lo < -ma_abs)):
-        return None
-    return ma_mask(x, ma_abs, ma_ratio)
+    return ma_mask(x, ma_abs, ma_ratio) if may_hold_ma(x, ma_abs) else None
 
 
 def _replace(x: torch.Tensor, value: str, ma_abs: float, ma_ratio: float) -> tuple[torch.Tensor | None, int]:

@@ -366,10 +366,11 @@ class TapReducer:
             shift = (ones @ xb.to(dtype)) / rows
             torch.sub(xb, shift, out=d)
         else:
-            count = ones @ d2.copy_(mb)  # column counts as a matrix-vector product (d2 is free here)
+            keep = d2.copy_(mb)  # 0/1 mask in the (still free) d2 buffer
+            count = ones @ keep  # column counts as a matrix-vector product
             torch.where(mb, xb, torch.zeros((), dtype=dtype, device=dev), out=d)  # also drops nan/inf
             shift = (ones @ d) / count.clamp(min=1.0)
-            _fill_excluded(d.sub_(shift), mb, 0.0)
+            d.sub_(shift).mul_(keep)  # values are finite now, so a multiply re-zeroes the excluded ones
         torch.mul(d, d, out=d2)
         s1 = ones @ d
         s2 = ones @ d2
@@ -424,8 +425,10 @@ class TapReducer:
     def _chunk_medians_and_ma(
         self, a: torch.Tensor, mc: torch.Tensor | None, wc: torch.Tensor, offset: int
     ) -> None:
-        """Exact lower median of each window's valid |a| (excluded entries are -1, i.e. sorted first, so the
-        median is the element of rank n_invalid + (n_valid - 1) // 2), then the massive-activation count."""
+        """Exact lower median of each window's valid |a|, then the massive-activation count. Excluded entries
+        are exactly the negative ones (-1): on CPU they are dropped by compaction, which is cheaper than
+        selecting among them; on the device path they sort first, so the median is the element of rank
+        n_invalid + (n_valid - 1) // 2."""
         bw = a.shape[0]
         rows = a.view(bw, -1)
         per_row = rows.shape[1]
@@ -433,21 +436,18 @@ class TapReducer:
         rows_np = rows.numpy() if _use_numpy_select(rows) else None
         np_dtype = np.dtype(np.float64 if a.dtype == torch.float64 else np.float32)
         for b in range(bw):
-            # Excluded entries are exactly the negative ones (counting these beats a reduction of the mask).
-            if mc is None:
-                nv = per_row
-            elif rows_np is not None:
-                nv = int(np.count_nonzero(rows_np[b] >= 0.0))
+            if rows_np is not None:
+                row_np = rows_np[b] if mc is None else rows_np[b][rows_np[b] >= 0.0]
+                nv = row_np.size
             else:
-                nv = int((rows[b] >= 0.0).sum())
+                nv = per_row if mc is None else int((rows[b] >= 0.0).sum())
             if nv == 0:
                 self._medians[offset + b] = math.nan
                 continue
-            rank = (per_row - nv) + (nv - 1) // 2
             if rows_np is not None:
-                row_np = rows_np[b]
-                med = _rank_value(row_np, rank, self._rng)  # may reorder: `a` is scratch
+                med = _rank_value(row_np, (nv - 1) // 2, self._rng)  # may reorder: scratch or a copy
             else:
+                rank = (per_row - nv) + (nv - 1) // 2
                 med = float(torch.kthvalue(rows[b], rank + 1).values)
             self._medians[offset + b] = med
             if wmax[b] <= self.ma_abs:
