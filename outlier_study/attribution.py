@@ -36,18 +36,11 @@ class MAEvent:
     branch_value: float  # the sublayer output at the same position
 
 
-def branch_taps(adapter: Adapter) -> tuple[str, str]:
-    """Tensors added to the residual stream by attention and MLP (Gemma3 adds post-normed outputs)."""
-    if "attn.post_norm" in adapter.taps:
-        return "attn.post_norm", "mlp.post_norm"
-    return "attn.out", "mlp.out"
-
-
 class Attributor:
     """Hook sink that classifies residual MAs layer by layer, as the forward pass produces them."""
 
     def __init__(self, adapter: Adapter, ma_abs: float, ma_ratio: float) -> None:
-        self.attn_branch, self.mlp_branch = branch_taps(adapter)
+        self.attn_branch, self.mlp_branch = adapter.residual_branches()
         self.ma_abs, self.ma_ratio = ma_abs, ma_ratio
         self.window_offset = 0
         self.events: list[MAEvent] = []

@@ -230,7 +230,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         row["ratio_min"] = min(times[name]) / min(times["plain"])
         row["context"] += f" (min/min {row['ratio_min']:.2f})"
     if after_load:
-        rows[-1]["context"] += f" (ru_maxrss incl. load: {life['full']:.0f} vs {life['plain']:.0f} MiB)"
+        rows[2]["context"] += f" (ru_maxrss incl. load: {life['full']:.0f} vs {life['plain']:.0f} MiB)"
     return {
         "model": args.model,
         "dataset": note,

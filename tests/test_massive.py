@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from outlier_study.app import run
-from outlier_study.attribution import attribute, branch_taps
+from outlier_study.attribution import attribute
 from outlier_study.models.loader import LoadedModel
 from outlier_study.results import read_csv
 from outlier_study.stats.massive import ma_mask, ma_positions
@@ -42,7 +42,7 @@ def test_rule_is_relative_to_each_windows_own_median() -> None:
 def planted(lm: LoadedModel, layer: int, token: int, channel: int, value: float) -> Iterator[None]:
     """Make what layer `layer`'s MLP adds to the residual one huge value at (token, channel): a true MA."""
     block = lm.adapter.layers(lm.model)[layer]
-    target = block.get_submodule(lm.adapter.taps[branch_taps(lm.adapter)[1]].module)
+    target = block.get_submodule(lm.adapter.taps[lm.adapter.residual_branches()[1]].module)
 
     def hook(_m: torch.nn.Module, _a: tuple, out: torch.Tensor) -> torch.Tensor:
         out = out.clone()

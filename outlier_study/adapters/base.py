@@ -106,6 +106,12 @@ class Adapter:
         """Taps of this architecture, in forward order."""
         return [t for t in CANONICAL_TAPS if t in self.taps]
 
+    def residual_branches(self) -> tuple[str, str]:
+        """The taps that attention and MLP add to the residual stream (Gemma3 adds post-normed outputs)."""
+        if "attn.post_norm" in self.taps:
+            return "attn.post_norm", "mlp.post_norm"
+        return "attn.out", "mlp.out"
+
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)  # type: ignore[return-value]
 

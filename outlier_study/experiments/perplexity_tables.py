@@ -24,7 +24,7 @@ def protocol(ctx: Context) -> dict[str, Any]:
     """Everything that defines the number: data protocol, dtype, what is averaged."""
     return {
         **ctx.windows.protocol,
-        "dtype": str(getattr(ctx.cfg.dtype, "value", ctx.cfg.dtype)),
+        "dtype": str(ctx.cfg.dtype),
         "model": ctx.cfg.model.name,
         "metric": "token-level perplexity: exp(mean NLL over predicted tokens), not word perplexity",
     }

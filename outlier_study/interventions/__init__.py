@@ -17,25 +17,21 @@ if TYPE_CHECKING:
 INTERVENTIONS: tuple[str, ...] = ("none", "massive", "residual")
 
 
-def _value(x: Any) -> Any:
-    return getattr(x, "value", x)
-
-
 @contextmanager
 def intervention(lm: LoadedModel, cfg: Any, threshold: Any) -> Iterator[InterventionLog | None]:
     """Apply the intervention `cfg` (an InterventionConfig) with the MA rule of `threshold` for the block;
     yields its log, or None for `none`."""
-    name = _value(cfg.name)
+    name = str(cfg.name)
     if name == "none":
         yield None
         return
     layers = None if cfg.layers is None else [int(i) for i in cfg.layers]
     ma_abs, ma_ratio = float(threshold.ma_abs), float(threshold.ma_ratio)
     if name == "massive":
-        with replace_massive(lm, _value(cfg.tap), layers, _value(cfg.value), ma_abs, ma_ratio) as log:
+        with replace_massive(lm, str(cfg.tap), layers, str(cfg.value), ma_abs, ma_ratio) as log:
             yield log
     elif name == "residual":
-        with remove_residual_mas(lm, layers, _value(cfg.value), ma_abs, ma_ratio) as log:
+        with remove_residual_mas(lm, layers, str(cfg.value), ma_abs, ma_ratio) as log:
             yield log
     else:
         raise ConfigError("intervention.name", f"unknown intervention '{name}'", allowed=INTERVENTIONS)

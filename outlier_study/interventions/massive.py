@@ -59,7 +59,7 @@ class InterventionLog:
 
 def check_value(value: Any) -> str:
     """'zero' or 'mean' (enum or string), else a ConfigError naming intervention.value."""
-    value = getattr(value, "value", value)
+    value = str(value)
     if value not in VALUES:
         raise ConfigError("intervention.value", f"unknown value '{value}'", allowed=VALUES)
     return str(value)

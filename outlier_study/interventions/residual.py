@@ -32,13 +32,6 @@ from outlier_study.interventions.massive import (
 if TYPE_CHECKING:
     from outlier_study.models.loader import LoadedModel
 
-# The tensor each sublayer adds to the residual stream: the post-norm where the architecture has one.
-_BRANCHES: dict[str, tuple[str, str]] = {
-    "attn": ("attn.post_norm", "attn.out"),
-    "mlp": ("mlp.post_norm", "mlp.out"),
-}
-
-
 @dataclass
 class _Pending:
     """One layer's in-flight state between its pre-hook and post-hook; dropped at the post-hook."""
@@ -65,8 +58,7 @@ def remove_residual_mas(
     check_threshold(ma_abs, ma_ratio)
     adapter = lm.adapter
     branch_specs: dict[str, TapSpec] = {}
-    for name, (post_norm, plain) in _BRANCHES.items():
-        tap = post_norm if post_norm in adapter.taps else plain
+    for name, tap in zip(("attn", "mlp"), adapter.residual_branches(), strict=True):
         spec = adapter.taps[tap]
         if spec.io != "output" or spec.derive is not None:
             raise RuntimeError(f"{adapter.family}: branch tap {tap} is not a module output")
@@ -99,7 +91,7 @@ def remove_residual_mas(
             if state is None:
                 return None
             y = output if isinstance(output, torch.Tensor) else output[0]
-            if set(state.branches) != set(_BRANCHES):
+            if set(state.branches) != set(branch_specs):
                 raise RuntimeError(f"layer {layer}: sublayer outputs not seen ({sorted(state.branches)})")
             a, m = state.branches["attn"], state.branches["mlp"]
             mask = state.mask

@@ -46,10 +46,6 @@ class LoadedModel:
         return self.model.get_input_embeddings().weight.device
 
 
-def _value(x: Any) -> Any:
-    return getattr(x, "value", x)
-
-
 def _file_key(path: Path) -> str:
     """Cheap identity of a large file (name, size, mtime) for the conversion cache."""
     stat = path.stat()
@@ -80,8 +76,7 @@ def _load_gguf(path: Path, cache_root: Path, use_cache: bool) -> tuple[PreTraine
 
 def load_model(cfg: Any, dtype: str, device: str, cache_root: str | Path) -> LoadedModel:
     """Build the model that `cfg` (a ModelConfig) names, in `dtype` on `device`."""
-    source = _value(cfg.source)
-    dtype = _value(dtype)
+    source, dtype = str(cfg.source), str(dtype)  # StrEnum members or plain strings
     require(source in SOURCES, "model.source", f"unknown source '{source}'", SOURCES)
     require(dtype in DTYPES, "dtype", f"unknown dtype '{dtype}'", DTYPES)
     require(device in DEVICES, "device", f"unknown device '{device}'", DEVICES)
