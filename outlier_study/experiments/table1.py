@@ -55,10 +55,8 @@ def lifecycle_rows(events: list[MAEvent]) -> list[list[Any]]:
         by_channel.setdefault(e.channel, []).append(e)
 
     def where(evs: list[MAEvent], kind: str) -> str:
-        found = Counter(
-            f"{e.layer}" if kind == "TMA" else f"{e.layer} {e.site}" for e in evs if e.kind == kind
-        )
-        return ", ".join(f"{k} (×{n})" for k, n in sorted(found.items())) or "—"
+        found = Counter((e.layer, "" if kind == "TMA" else f" {e.site}") for e in evs if e.kind == kind)
+        return ", ".join(f"{layer}{site} (×{n})" for (layer, site), n in sorted(found.items())) or "—"
 
     rows = []
     for channel, evs in sorted(by_channel.items(), key=lambda kv: -max(abs(e.value) for e in kv[1])):

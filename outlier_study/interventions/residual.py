@@ -32,6 +32,7 @@ from outlier_study.interventions.massive import (
 if TYPE_CHECKING:
     from outlier_study.models.loader import LoadedModel
 
+
 @dataclass
 class _Pending:
     """One layer's in-flight state between its pre-hook and post-hook; dropped at the post-hook."""
