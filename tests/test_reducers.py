@@ -179,6 +179,19 @@ def test_top_k_larger_than_batch_and_zero() -> None:
     assert [(e.value, e.token, e.channel) for e in got.top] == [(-2.0, 1, 0), (0.5, 0, 1)]
 
 
+def test_top_k_search_skipped_only_when_nothing_can_enter() -> None:
+    """A chunk whose max does not beat the running k-th |a| is not searched; ties keep the earlier entry."""
+    x = torch.zeros(3, 4, 2)
+    x[0, 1, 1], x[0, 2, 0] = 5.0, -4.0
+    x[1, 3, 1] = 4.0  # ties the k-th (for k=2) of the first update: cannot enter, window 0 is first
+    x[2, 0, 0] = 4.5  # beats it: must replace it
+    chunks = split(x, [1, 1, 1])
+    for k in (1, 2, 3, 4):
+        got = feed(chunks, top_k=k)
+        assert_matches(got, reference(chunks, top_k=k))
+    assert [(e.value, e.window) for e in feed(chunks, top_k=3).top] == [(5.0, 0), (4.5, 2), (-4.0, 0)]
+
+
 def test_massive_activation_count_uses_each_windows_median() -> None:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 32, 16, generator=g)

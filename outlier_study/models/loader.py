@@ -46,10 +46,16 @@ class LoadedModel:
         return self.model.get_input_embeddings().weight.device
 
 
-def _file_key(path: Path) -> str:
-    """Cheap identity of a large file (name, size, mtime) for the conversion cache."""
-    stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+def _file_key(path: Path, probe: int = 1 << 20) -> str:
+    """Cheap content identity of a large file (size, first and last MiB) for the conversion cache: the
+    same GGUF installed in another virtual environment reuses its conversion."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as fh:
+        digest.update(fh.read(probe))
+        fh.seek(max(0, size - probe))
+        digest.update(fh.read(probe))
+    return digest.hexdigest()[:16]
 
 
 def _load_gguf(path: Path, cache_root: Path, use_cache: bool) -> tuple[PreTrainedModel, Any, Path | None]:

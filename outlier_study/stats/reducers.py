@@ -9,8 +9,10 @@ Cost matters as much as correctness (the whole profile may add at most ~30% to a
 - work runs on chunks of whole windows of about `_CHUNK_ELEMENTS` values, in reused scratch buffers, so the
   few elementwise passes hit the last-level cache instead of streaming fresh full-batch temporaries;
 - an all-finite, unmasked chunk takes a fast path: one `abs`, one column max that doubles as the non-finite
-  check (NaN and inf propagate), two elementwise passes plus matrix-vector column sums for the moments,
-  one numpy partition per window for the exact median (~10x faster than torch.median on CPU);
+  check (NaN and inf propagate), four elementwise passes and five column sums for the moments, one numpy
+  partition per window for the exact median (~10x faster than torch.median on CPU), the top-k search only
+  when the chunk's max could enter the running top-k, the massive-activation count only in windows whose
+  max exceeds `ma_abs`; per-group merging is float64 numpy on (C,)-sized arrays;
 - masks are only built when a valid mask is given or non-finite values show up.
 """
 
@@ -151,9 +153,10 @@ def _rank_value(v: np.ndarray, rank: int, rng: np.random.Generator) -> float:
     """The exact `rank`-th smallest value of v (0-based); v is scratch and may be reordered in place.
 
     numpy's SIMD partition is ~10x faster than torch.median on CPU, but 20-50x slower when the target sits
-    in a long run of equal values (masked entries, exact zeros after ReLU/softmax). A sample reveals such
-    ties; then the value is bracketed between two sample quantiles, the ties at the bracket ends are
-    resolved by counting, and only the values strictly inside the bracket are partitioned.
+    in a long run of equal values (masked entries, exact zeros after ReLU/softmax). A sorted sample reveals
+    such ties (many equal neighbours); then the value is bracketed between two sample quantiles, the ties
+    at the bracket ends are resolved by counting, and only the values strictly inside the bracket are
+    partitioned.
     """
     n = v.size
     if n <= _SELECT_SMALL:
@@ -162,8 +165,7 @@ def _rank_value(v: np.ndarray, rank: int, rng: np.random.Generator) -> float:
     m = _SELECT_SAMPLE
     sample = v[rng.integers(0, n, m)]
     sample.sort()
-    runs = np.diff(np.flatnonzero(np.diff(sample, prepend=np.inf, append=np.inf)))
-    if runs.max() <= _SELECT_TIE_FRACTION * m:
+    if np.count_nonzero(sample[1:] == sample[:-1]) <= _SELECT_TIE_FRACTION * m:  # few ties: partition
         v.partition(rank)
         return float(v[rank])
     p = (rank + 0.5) / n
@@ -285,17 +287,18 @@ class TapReducer:
         if mc is not None:
             _fill_excluded(a, mc, _INVALID)
         wc = a.amax(dim=1)  # (bw, C) column maxima
-        top = float(wc.max())  # NaN and inf propagate: this one sync is the fast path's non-finite check
-        if not math.isfinite(top):
+        wmax = wc.amax(dim=1).tolist()  # per window; NaN and inf propagate: this one sync is the
+        if not all(map(math.isfinite, wmax)):  # fast path's non-finite check
             mc = self._exclude_nonfinite(xc, a, mc)
             wc = a.amax(dim=1)
-            top = float(wc.max())
+            wmax = wc.amax(dim=1).tolist()
+        top = max(wmax)
         if top >= 0.0:  # else: no valid finite element in the whole chunk
             self._max_abs = max(self._max_abs, top)
         if self.channel_stats:
             absmax.append(wc.amax(dim=0))
-        if self.top_k:
-            tops.append(self._chunk_top(xc, a, wc, offset))
+        if self.top_k and (len(self._top) < self.top_k or top > self._top[-1].abs):
+            tops.append(self._chunk_top(xc, a, wc, offset))  # else nothing here could enter the top-k
         rows = bw * T
         block = max(1, _CHUNK_ELEMENTS // C)
         x2 = xc.view(rows, C)
@@ -305,7 +308,7 @@ class TapReducer:
             mb = None if m2 is None else m2[r : r + block]
             groups.append(self._block_moments(x2[r : r + block], mb, use64))
         # Last: partitions `a` in place, which destroys the layout the steps above need.
-        self._chunk_medians_and_ma(a, mc, wc, offset)
+        self._chunk_medians_and_ma(a, mc, wmax, offset)
 
     def _exclude_nonfinite(self, xc: torch.Tensor, a: torch.Tensor, mc: torch.Tensor | None) -> torch.Tensor:
         """Slow path: count nan/inf among valid entries, then drop them like invalid ones."""
@@ -353,69 +356,70 @@ class TapReducer:
     def _block_moments(xb: torch.Tensor, mb: torch.Tensor | None, use64: bool) -> torch.Tensor:
         """(count, shift, S1, S2, S3, S4) per channel, float64, where S_p = sum over valid rows of
         (a - shift)^p and shift is the block's float32 channel mean: centring first keeps float32 exact
-        enough when a channel's mean dwarfs its spread (1e4 vs 1). Column sums are matrix-vector products
-        (BLAS speed, short accumulations of one block's rows)."""
+        enough when a channel's mean dwarfs its spread (1e4 vs 1). Four elementwise passes in reused
+        buffers and five column sums; everything else is (C,)-sized."""
         rows, C = xb.shape
         dtype = torch.float64 if use64 else xb.dtype  # fourth powers of |a| > 1e8 overflow float32
         dev = xb.device
-        ones = torch.ones(rows, dtype=dtype, device=dev)
         d = _scratch("d", xb.numel(), dtype, dev).view(rows, C)
         d2 = _scratch("d2", xb.numel(), dtype, dev).view(rows, C)
+        if dtype != xb.dtype:
+            xb = d2.copy_(xb)
         if mb is None:
             count = torch.full((C,), rows, dtype=dtype, device=dev)
-            shift = (ones @ xb.to(dtype)) / rows
+            shift = xb.sum(0).div_(rows)
             torch.sub(xb, shift, out=d)
         else:
-            keep = d2.copy_(mb)  # 0/1 mask in the (still free) d2 buffer
-            count = ones @ keep  # column counts as a matrix-vector product
             torch.where(mb, xb, torch.zeros((), dtype=dtype, device=dev), out=d)  # also drops nan/inf
-            shift = (ones @ d) / count.clamp(min=1.0)
+            keep = d2.copy_(mb)  # 0/1 mask in the (now free) d2 buffer
+            count = keep.sum(0)
+            shift = d.sum(0).div_(count.clamp(min=1.0))
             d.sub_(shift).mul_(keep)  # values are finite now, so a multiply re-zeroes the excluded ones
         torch.mul(d, d, out=d2)
-        s1 = ones @ d
-        s2 = ones @ d2
-        d.mul_(d2)
-        s3 = ones @ d
-        d2.square_()
-        s4 = ones @ d2
+        s1 = d.sum(0)
+        s2 = d2.sum(0)
+        s3 = d.mul_(d2).sum(0)
+        s4 = d2.square_().sum(0)
         return torch.stack([count, shift, s1, s2, s3, s4]).to(torch.float64)
 
     def _merge_moments_and_channels(self, groups: np.ndarray, absmax: list[torch.Tensor]) -> None:
-        """Turn the (G, 6, C) block sums into central moments of G*C groups, combine them into one batch
-        (the multi-group form of Pebay's formulas) and merge that into the running state."""
-        n, shift, s1, s2, s3, s4 = (groups[:, i] for i in range(6))
-        has = n > 0
-        n_safe = np.where(has, n, 1.0)
-        delta = np.where(has, s1 / n_safe, 0.0)  # offset of the exact group mean from the float32 shift
-        mean_g = np.where(has, shift + delta, 0.0)
-        m2_g = np.maximum(s2 - n * delta**2, 0.0)
-        m3_g = s3 - 3.0 * delta * s2 + 2.0 * n * delta**3
-        m4_g = np.maximum(s4 - 4.0 * delta * s3 + 6.0 * delta**2 * s2 - 3.0 * n * delta**4, 0.0)
+        """Combine the (G, 6, C) block sums into the batch's global central moments and per-channel
+        (count, mean, M2), then merge those into the running state.
 
+        With f = shift - mean for a group, the group's sum of (a - mean)^p is the binomial expansion
+        sum_q binom(p, q) f^(p-q) S_q (S_0 = count): exact algebra, no float32 left, and an empty group
+        (count, shift and sums all 0) contributes nothing. Dot products keep this to ~20 numpy calls."""
+        G, _, C = groups.shape
+        n, shift, s1, s2, s3, s4 = groups.transpose(1, 0, 2).reshape(6, G * C)
         n_tot = float(n.sum())
         if n_tot > 0:
-            mean = float((n * mean_g).sum() / n_tot)
-            e = np.where(has, mean_g - mean, 0.0)
-            bm2 = float((m2_g + n * e**2).sum())
-            bm3 = float((m3_g + 3.0 * e * m2_g + n * e**3).sum())
-            bm4 = float((m4_g + 4.0 * e * m3_g + 6.0 * e**2 * m2_g + n * e**4).sum())
+            mean = float((np.dot(n, shift) + s1.sum()) / n_tot)
+            f = shift - mean
+            f2 = f * f
+            f3 = f2 * f
+            nf = n * f
+            bm2 = float(s2.sum() + 2.0 * np.dot(f, s1) + np.dot(nf, f))
+            bm3 = float(s3.sum() + 3.0 * np.dot(f, s2) + 3.0 * np.dot(f2, s1) + np.dot(nf, f2))
+            bm4 = float(
+                s4.sum() + 4.0 * np.dot(f, s3) + 6.0 * np.dot(f2, s2) + 4.0 * np.dot(f3, s1) + np.dot(nf, f3)
+            )
             self._moments = _merge_moments(self._moments, (n_tot, mean, bm2, bm3, bm4))
 
         if not self.channel_stats:
             return
-        C = groups.shape[2]
+        n, shift, s1, s2 = groups[:, 0], groups[:, 1], groups[:, 2], groups[:, 3]
         n_c = n.sum(axis=0)
-        mean_c = np.divide((n * mean_g).sum(axis=0), n_c, out=np.zeros(C), where=n_c > 0)
-        e_c = np.where(has, mean_g - mean_c, 0.0)
-        m2_c = (m2_g + n * e_c**2).sum(axis=0)
-        ch_max = torch.stack(absmax).amax(dim=0).to(torch.float64).cpu().numpy()
-        ch_max = np.where(ch_max < 0.0, -np.inf, ch_max)
+        mean_c = (n * shift + s1).sum(axis=0) / np.maximum(n_c, 1.0)  # the sums are 0 where n_c is
+        f = shift - mean_c
+        m2_c = np.maximum((s2 + f * (2.0 * s1 + n * f)).sum(axis=0), 0.0)
+        # Channels without a valid element carry -1 (_INVALID) here; result() reports them as nan anyway.
+        ch_max = (absmax[0] if len(absmax) == 1 else torch.stack(absmax).amax(dim=0)).cpu().numpy()
         if self._ch_count is None:
             self._ch_count, self._ch_mean, self._ch_m2 = np.zeros(C), np.zeros(C), np.zeros(C)
             self._ch_absmax = np.full(C, -np.inf)
         na, ma = self._ch_count, self._ch_mean
         tot = na + n_c
-        frac = np.divide(n_c, tot, out=np.zeros(C), where=tot > 0)
+        frac = n_c / np.maximum(tot, 1.0)  # n_c is 0 where tot is
         dm = mean_c - ma
         self._ch_mean = ma + dm * frac  # Chan et al. parallel update
         self._ch_m2 = self._ch_m2 + m2_c + dm * dm * na * frac
@@ -423,7 +427,7 @@ class TapReducer:
         self._ch_absmax = np.maximum(self._ch_absmax, ch_max)
 
     def _chunk_medians_and_ma(
-        self, a: torch.Tensor, mc: torch.Tensor | None, wc: torch.Tensor, offset: int
+        self, a: torch.Tensor, mc: torch.Tensor | None, wmax: list[float], offset: int
     ) -> None:
         """Exact lower median of each window's valid |a|, then the massive-activation count. Excluded entries
         are exactly the negative ones (-1): on CPU they are dropped by compaction, which is cheaper than
@@ -432,7 +436,6 @@ class TapReducer:
         bw = a.shape[0]
         rows = a.view(bw, -1)
         per_row = rows.shape[1]
-        wmax = wc.amax(dim=1).tolist()
         rows_np = rows.numpy() if _use_numpy_select(rows) else None
         np_dtype = np.dtype(np.float64 if a.dtype == torch.float64 else np.float32)
         for b in range(bw):
