@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from outlier_study.stats import reducers
+from outlier_study.stats import reducers, selection
 from outlier_study.stats.reducers import TapReducer, TapStats
 
 
@@ -299,8 +299,8 @@ def test_float16_with_inf_nan_and_all_nan_window() -> None:
 
 def test_rank_selection_is_exact_with_heavy_ties(monkeypatch: pytest.MonkeyPatch) -> None:
     """Few distinct values (ties at and around the target rank) drive every branch of the bracket search."""
-    monkeypatch.setattr(reducers, "_SELECT_SMALL", 16)
-    monkeypatch.setattr(reducers, "_SELECT_SAMPLE", 32)
+    monkeypatch.setattr(selection, "_SELECT_SMALL", 16)
+    monkeypatch.setattr(selection, "_SELECT_SAMPLE", 32)
     rng = np.random.default_rng(0)
     probe = np.random.default_rng(1)
     for trial in range(1500):
@@ -309,12 +309,12 @@ def test_rank_selection_is_exact_with_heavy_ties(monkeypatch: pytest.MonkeyPatch
         if trial % 2:
             v = np.concatenate([v, rng.standard_normal(int(rng.integers(1, 300))).astype(np.float32)])
         rank = int(rng.integers(0, v.size))
-        assert reducers._rank_value(v.copy(), rank, probe) == np.sort(v)[rank]
+        assert selection.rank_value(v.copy(), rank, probe) == np.sort(v)[rank]
 
 
 def test_tie_heavy_windows_relu_zeros_and_masks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reducers, "_SELECT_SMALL", 64)
-    monkeypatch.setattr(reducers, "_SELECT_SAMPLE", 64)
+    monkeypatch.setattr(selection, "_SELECT_SMALL", 64)
+    monkeypatch.setattr(selection, "_SELECT_SAMPLE", 64)
     g = torch.Generator().manual_seed(15)
     x = torch.relu(
         torch.randn(6, 32, 16, generator=g) - torch.tensor([0.0, 0.1, 0.3, -0.2, 1.5, 0.0]).view(6, 1, 1)
@@ -380,7 +380,7 @@ def test_empty_reducer() -> None:
 
 def test_device_selection_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The torch.kthvalue path used on GPUs gives the same answers (exercised here on CPU)."""
-    monkeypatch.setattr(reducers, "_use_numpy_select", lambda t: False)
+    monkeypatch.setattr(reducers, "use_numpy_select", lambda t: False)
     g = torch.Generator().manual_seed(13)
     t = 12
     causal = torch.ones(t, t, dtype=torch.bool).tril()

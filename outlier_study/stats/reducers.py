@@ -25,6 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from outlier_study.stats.moments import EMPTY_MOMENTS, Moments, merge_moments
+from outlier_study.stats.selection import rank_value, use_numpy_select
+
 # Above this |a| the float32 fourth powers used for the moments could overflow: such batches go float64.
 _F32_MOMENT_LIMIT = 1e8
 _INVALID = -1.0  # |a| is >= 0, so -1 marks excluded entries in the abs buffer (never a top-k or MA hit)
@@ -98,34 +101,6 @@ class TapStats:
     channel_count: np.ndarray | None  # (C,) finite (and valid) values per channel
 
 
-_Moments = tuple[float, float, float, float, float]  # (n, mean, M2, M3, M4); M_p = sum of (a - mean)^p
-_EMPTY_MOMENTS: _Moments = (0.0, 0.0, 0.0, 0.0, 0.0)
-
-
-def _merge_moments(a: _Moments, b: _Moments) -> _Moments:
-    """Pebay's pairwise update of central moments: stable when the mean is large relative to the std."""
-    na, ma, m2a, m3a, m4a = a
-    nb, mb, m2b, m3b, m4b = b
-    if nb == 0:
-        return a
-    if na == 0:
-        return b
-    n = na + nb
-    delta = mb - ma
-    dn = delta / n
-    mean = ma + nb * dn
-    m2 = m2a + m2b + delta * dn * na * nb
-    m3 = m3a + m3b + delta * dn * dn * na * nb * (na - nb) + 3.0 * dn * (na * m2b - nb * m2a)
-    m4 = (
-        m4a
-        + m4b
-        + delta * dn**3 * na * nb * (na * na - na * nb + nb * nb)
-        + 6.0 * dn * dn * (na * na * m2b + nb * nb * m2a)
-        + 4.0 * dn * (na * m3b - nb * m3a)
-    )
-    return (n, mean, m2, m3, m4)
-
-
 def _ceil_to(value: float, dtype: np.dtype) -> float:
     """Smallest `dtype` number >= value, so `a >= result` in that dtype equals `a >= value` exactly."""
     v = dtype.type(value)
@@ -142,61 +117,9 @@ def _floor_to(value: float, dtype: np.dtype) -> float:
     return float(v)
 
 
-# Exact rank selection (medians). Rows up to _SELECT_SMALL values are simply partitioned; larger ones are
-# first probed with a random sample of _SELECT_SAMPLE values to see whether they are tie-heavy.
-_SELECT_SMALL = 1 << 14
-_SELECT_SAMPLE = 1024
-_SELECT_TIE_FRACTION = 0.05
-
-
-def _rank_value(v: np.ndarray, rank: int, rng: np.random.Generator) -> float:
-    """The exact `rank`-th smallest value of v (0-based); v is scratch and may be reordered in place.
-
-    numpy's SIMD partition is ~10x faster than torch.median on CPU, but 20-50x slower when the target sits
-    in a long run of equal values (masked entries, exact zeros after ReLU/softmax). A sorted sample reveals
-    such ties (many equal neighbours); then the value is bracketed between two sample quantiles, the ties
-    at the bracket ends are resolved by counting, and only the values strictly inside the bracket are
-    partitioned.
-    """
-    n = v.size
-    if n <= _SELECT_SMALL:
-        v.partition(rank)
-        return float(v[rank])
-    m = _SELECT_SAMPLE
-    sample = v[rng.integers(0, n, m)]
-    sample.sort()
-    if np.count_nonzero(sample[1:] == sample[:-1]) <= _SELECT_TIE_FRACTION * m:  # few ties: partition
-        v.partition(rank)
-        return float(v[rank])
-    p = (rank + 0.5) / n
-    margin = 4.0 * math.sqrt(p * (1.0 - p) / m) + 2.0 / m
-    lo = sample[max(0, math.floor((p - margin) * m))]
-    hi = sample[min(m - 1, math.ceil((p + margin) * m))]
-    n_lt = int(np.count_nonzero(v < lo))
-    n_eq_lo = int(np.count_nonzero(v == lo))
-    if n_lt <= rank < n_lt + n_eq_lo:
-        return float(lo)
-    n_le_hi = n - int(np.count_nonzero(v > hi))
-    n_eq_hi = int(np.count_nonzero(v == hi))
-    if n_le_hi - n_eq_hi <= rank < n_le_hi:
-        return float(hi)
-    if not n_lt + n_eq_lo <= rank < n_le_hi - n_eq_hi:  # the sample bracket missed: rare, still exact
-        v.partition(rank)
-        return float(v[rank])
-    inner = v[(v > lo) & (v < hi)]
-    r = rank - n_lt - n_eq_lo
-    inner.partition(r)
-    return float(inner[r])
-
-
 def _fill_excluded(t: torch.Tensor, keep: torch.Tensor, value: float) -> None:
     """t[~keep] = value in place; torch.where is 2-3x faster than masked_fill_ on CPU and needs no ~keep."""
     torch.where(keep, t, torch.full((), value, dtype=t.dtype, device=t.device), out=t)
-
-
-def _use_numpy_select(t: torch.Tensor) -> bool:
-    """numpy's SIMD partition is ~10x faster than torch.median on CPU; on GPUs stay on the device."""
-    return t.device.type == "cpu"
 
 
 class TapReducer:
@@ -218,7 +141,7 @@ class TapReducer:
         self._top: list[TopEntry] = []
         self._medians: dict[int, float] = {}
         self._ma = 0
-        self._moments: _Moments = _EMPTY_MOMENTS
+        self._moments: Moments = EMPTY_MOMENTS
         self._channels: int | None = None
         self._ch_count: np.ndarray | None = None
         self._ch_mean: np.ndarray | None = None
@@ -403,7 +326,7 @@ class TapReducer:
             bm4 = float(
                 s4.sum() + 4.0 * np.dot(f, s3) + 6.0 * np.dot(f2, s2) + 4.0 * np.dot(f3, s1) + np.dot(nf, f3)
             )
-            self._moments = _merge_moments(self._moments, (n_tot, mean, bm2, bm3, bm4))
+            self._moments = merge_moments(self._moments, (n_tot, mean, bm2, bm3, bm4))
 
         if not self.channel_stats:
             return
@@ -436,7 +359,7 @@ class TapReducer:
         bw = a.shape[0]
         rows = a.view(bw, -1)
         per_row = rows.shape[1]
-        rows_np = rows.numpy() if _use_numpy_select(rows) else None
+        rows_np = rows.numpy() if use_numpy_select(rows) else None
         np_dtype = np.dtype(np.float64 if a.dtype == torch.float64 else np.float32)
         for b in range(bw):
             if rows_np is not None:
@@ -448,7 +371,7 @@ class TapReducer:
                 self._medians[offset + b] = math.nan
                 continue
             if rows_np is not None:
-                med = _rank_value(row_np, (nv - 1) // 2, self._rng)  # may reorder: scratch or a copy
+                med = rank_value(row_np, (nv - 1) // 2, self._rng)  # may reorder: scratch or a copy
             else:
                 rank = (per_row - nv) + (nv - 1) // 2
                 med = float(torch.kthvalue(rows[b], rank + 1).values)
