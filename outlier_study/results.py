@@ -87,13 +87,6 @@ def write_status(job_dir: Path, state: str, error: BaseException | None = None) 
     write_json(job_dir / "status.json", payload)
 
 
-def read_status(job_dir: Path) -> str | None:
-    try:
-        return str(json.loads((job_dir / "status.json").read_text())["status"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def git_sha() -> str | None:
     """Commit of the checkout the package runs from (None outside a git checkout)."""
     try:

@@ -265,11 +265,3 @@ def test_hub_branches_ask_for_the_documented_datasets(monkeypatch: pytest.Monkey
     args, kwargs = calls[-1]
     assert args == ("allenai/c4",) and kwargs["split"] == "validation"
     assert kwargs["data_files"] == {"validation": "en/c4-validation.00000-of-00008.json.gz"}
-
-
-def test_batches_split_in_order(tok: Any, text_file: Path) -> None:
-    win = build_windows(local_cfg(text_file, seq_len=8, n_windows=5), tok, None)
-    parts = win.batches(2)
-    assert [p.shape[0] for p in parts] == [2, 2, 1]
-    assert torch.equal(torch.cat(parts), win.input_ids)
-    raises_field("dataset.batch_size", win.batches, 0)

@@ -24,11 +24,6 @@ class Windows:
     starts: list[int]  # offset of each window's first text token in the tokenized corpus
     protocol: dict[str, Any]  # dataset, split, seq_len, sampling, seed, bos, corpus size and sha256
 
-    def batches(self, batch_size: int) -> list[torch.Tensor]:
-        """Consecutive row groups of at most `batch_size` windows, in window order."""
-        require(batch_size > 0, "dataset.batch_size", f"must be positive, got {batch_size}")
-        return list(self.input_ids.split(batch_size))
-
 
 def tokenize_corpus(text: str, tokenizer: Any) -> torch.Tensor:
     """The tokenizer's own ids for the whole text at once (no chunking that could change merges)."""

@@ -48,12 +48,8 @@ def run_perplexity(ctx: Context) -> dict[str, Any]:
     print(
         f"\nperplexity ({ctx.cfg.intervention.name}): {result.ppl:.4f} ({result.n_tokens} predicted tokens)"
     )
-    return {
-        "ppl": result.ppl,
-        "mean_nll": result.mean_nll,
-        "n_tokens": result.n_tokens,
-        "changed_elements": changed,
-    }
+    summary = log.summary() if log is not None else {"intervention.name": "none"}
+    return {"ppl": result.ppl, "mean_nll": result.mean_nll, "n_tokens": result.n_tokens, **summary}
 
 
 TABLE2_COLUMNS: tuple[tuple[str, str | None, str | None], ...] = (
