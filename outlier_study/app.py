@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime
 from pathlib import Path
 
@@ -16,8 +15,6 @@ from outlier_study.errors import require
 from outlier_study.experiments import EXPERIMENTS
 from outlier_study.models.loader import load_model
 from outlier_study.results import environment, write_json, write_status, write_text
-
-log = logging.getLogger(__name__)
 
 
 def default_job_dir(cfg: DictConfig) -> Path:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from outlier_study.adapters.base import ATTENTION_TAPS, CANONICAL_TAPS
 from outlier_study.profiling import StatsByTap
+from outlier_study.stats.massive import is_massive_value
 from outlier_study.stats.reducers import TapStats, TopEntry
 
 LAYER_STATS_HEADER = ("layer", "tap", "statistic", "value")
@@ -30,7 +32,7 @@ TOPK_HEADER = (
 def is_massive(entry: TopEntry, stats: TapStats, ma_abs: float, ma_ratio: float) -> bool:
     """The MA rule (DESIGN §3) against the median of the entry's own window."""
     median = stats.window_medians[entry.window] if entry.window < len(stats.window_medians) else float("nan")
-    return bool(entry.abs > ma_abs and np.isfinite(median) and entry.abs >= ma_ratio * median)
+    return is_massive_value(entry.abs, median, ma_abs, ma_ratio)
 
 
 def layer_stat_rows(stats: StatsByTap) -> list[tuple[int, str, str, float]]:
@@ -74,9 +76,9 @@ def position(tap: str, entry: TopEntry, seq_len: int) -> Position:
 def topk_rows(
     stats: StatsByTap,
     input_ids: np.ndarray,
-    decode: callable,
+    decode: Callable[[int], str],
     ma_abs: float,
-    ma_ratio: float,  # type: ignore[valid-type]
+    ma_ratio: float,
 ) -> list[tuple[object, ...]]:
     """Top-k |a| of every (layer, tap) with signed value, position and token text."""
     rows: list[tuple[object, ...]] = []

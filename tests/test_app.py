@@ -54,8 +54,7 @@ def test_topk_positions_point_at_the_recorded_values(tmp_path: Path) -> None:
     cfg = make_cfg(*SMALL, "model=tiny-qwen2", "taps=[resid.post,mlp.hidden,attn.probs]")
     job = run(cfg, job_dir=tmp_path / "job")
     lm = load_model(cfg.model, "float32", "cpu", cfg.paths.model_cache)
-    ids = torch.tensor(json.loads((job / "windows.json").read_text())["starts"])  # just to check it parses
-    assert ids.numel() == 3
+    assert len(json.loads((job / "windows.json").read_text())["starts"]) == 3
     from outlier_study.data import build_windows
 
     windows = build_windows(cfg.dataset, lm.tokenizer, lm.max_context)

@@ -128,3 +128,17 @@ def test_table2_rows_and_protocol(tmp_path: Path) -> None:
     proto = json.loads((job / "perplexity.json").read_text())
     for key in ("dataset", "split", "seq_len", "n_windows", "sampling", "seed", "bos", "dtype"):
         assert key in proto, key
+
+
+def test_rule_is_exact_for_half_precision_and_agrees_with_the_reducer() -> None:
+    """1000 × median = 200.56 lies just above the float16 value 200.5; rounding the bound to float16 would
+    admit 200.5."""
+    from outlier_study.stats.reducers import TapReducer
+
+    x = torch.full((1, 64, 8), 0.2005615234375, dtype=torch.float16)  # exactly representable
+    x[0, 3, 1] = 200.5  # below 200.56: no MA
+    x[0, 5, 2] = 201.0  # above the bound: an MA
+    assert set(ma_positions(x, 50, 1000)) == {(0, 5, 2)}
+    reducer = TapReducer(ma_abs=50, ma_ratio=1000)
+    reducer.update(x, 0)
+    assert reducer.result().ma_count == int(ma_mask(x, 50, 1000).sum()) == 1

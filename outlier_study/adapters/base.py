@@ -88,7 +88,6 @@ class Adapter:
     layers_path: str  # dotted path from the CausalLM to its list of decoder layers
     gamma_offset: float = 0.0  # Gemma RMSNorm scales by (1 + weight)
     norms: dict[str, str] = field(default_factory=dict)  # "attn" / "mlp" -> norm module path in a layer
-    notes: str = ""
 
     def canonical(self, name: str) -> str:
         """Resolve a canonical tap, synonym or paper alias; reject names this architecture lacks."""

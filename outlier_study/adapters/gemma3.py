@@ -1,4 +1,8 @@
-"""Gemma3 text decoders: sandwich RMSNorms (pre and post each sublayer) that scale by (1 + weight)."""
+"""Gemma3 text decoders: sandwich RMSNorms (pre and post each sublayer) that scale by (1 + weight).
+
+The residual adds the post-normed sublayer outputs: resid.mid = resid.pre + attn.post_norm and
+resid.post = resid.mid + mlp.post_norm.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,6 @@ ADAPTER = Adapter(
     aliases=PAPER_ALIASES_GATED,
     gamma_offset=1.0,
     norms={"attn": "input_layernorm", "mlp": "pre_feedforward_layernorm"},
-    notes="resid.mid = resid.pre + attn.post_norm; resid.post = resid.mid + mlp.post_norm",
     taps={
         "resid.pre": TapSpec("", "input"),
         "attn.norm_std": TapSpec("input_layernorm", "input", gemma_standardize),

@@ -69,9 +69,11 @@ def write_surface_figure(ctx: Context, prof: Profile) -> None:
 def ma_summary(rows: list[tuple[object, ...]], limit: int) -> tuple[list[str], list[list[object]]]:
     """Strongest MAs, one per (layer, tap): the top-1 entries that meet the MA rule."""
     header = ["layer", "tap", "value", "window", "token", "token_text", "channel"]
-    tops = [r for r in rows if r[2] == 1 and r[11] == 1]
-    tops.sort(key=lambda r: -float(r[4]))  # type: ignore[arg-type]
-    return header, [[r[0], r[1], f"{float(r[3]):.2f}", r[5], r[6], r[10], r[7]] for r in tops[:limit]]
+    named = [dict(zip(report.TOPK_HEADER, r, strict=True)) for r in rows]
+    tops = sorted((r for r in named if r["rank"] == 1 and r["is_ma"]), key=lambda r: -float(r["abs"]))
+    return header, [
+        [r[h] if h != "value" else f"{float(r['value']):.2f}" for h in header] for r in tops[:limit]
+    ]
 
 
 def run(ctx: Context) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -17,8 +16,6 @@ from outlier_study.adapters import Adapter, adapter_for
 from outlier_study.errors import ConfigError, require
 from outlier_study.models.embedded import embedded_gguf
 from outlier_study.models.tiny import TINY_ARCHS, byte_tokenizer, tiny_config
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda", "auto")

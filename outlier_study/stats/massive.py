@@ -16,12 +16,17 @@ def may_hold_ma(x: torch.Tensor, ma_abs: float) -> bool:
     return bool(hi > ma_abs) or bool(lo < -ma_abs)
 
 
+def is_massive_value(abs_value: float, median: float, ma_abs: float, ma_ratio: float) -> bool:
+    """The rule for one value against its window's median |a| (a nan median: no MA)."""
+    return abs_value > ma_abs and abs_value >= ma_ratio * median
+
+
 def ma_mask(x: torch.Tensor, ma_abs: float, ma_ratio: float) -> torch.Tensor:
     """Elements with |a| > ma_abs and |a| >= ma_ratio × median |a| of their own window; x is (B, ...)."""
     absx = x.abs()
     med = window_medians(absx).float()
     bound = torch.clamp(med * ma_ratio, min=ma_abs).view(-1, *([1] * (x.dim() - 1)))
-    return (absx > ma_abs) & (absx >= bound.to(absx.dtype))
+    return (absx > ma_abs) & (absx >= bound)  # float32 bound: half inputs are not rounded at the boundary
 
 
 def ma_positions(x: torch.Tensor, ma_abs: float, ma_ratio: float) -> dict[tuple[int, ...], float]:
