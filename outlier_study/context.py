@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from outlier_study.adapters import resolve_layers
 from outlier_study.data import Windows
 from outlier_study.models.loader import LoadedModel
 
@@ -19,6 +20,10 @@ class Context:
     taps: list[str]
     layers: list[int]
     job_dir: Path
+
+    def experiment_layer(self) -> int:
+        """`experiment.layer` as an index from 0 (negative counts from the end), checked against the model."""
+        return resolve_layers(self.lm.n_layers, [int(self.cfg.experiment.layer)], "experiment.layer")[0]
 
     @property
     def tables_dir(self) -> Path:

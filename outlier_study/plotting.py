@@ -66,3 +66,54 @@ def abs_surface_figure(values: np.ndarray, token_labels: Sequence[str], title: s
     ax.set_title(f"{title} ({LAYER_NOTE})", fontsize=10)
     ax.view_init(elev=25, azim=-60)
     return fig
+
+
+def channel_means_figure(
+    panels: Sequence[tuple[str, np.ndarray, np.ndarray]], ncols: int, title: str
+) -> Figure:
+    """Channel means per panel with the channel-wise outliers in red (the paper's Fig. 7/8 style).
+
+    panels: (subtitle, channel means (C,), CO channel indices), filled row by row into `ncols` columns."""
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 2.7 * nrows + 0.6), dpi=100)
+    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.09, top=1 - 0.55 / (2.7 * nrows + 0.6), hspace=0.5)
+    fig.suptitle(f"{title} ({LAYER_NOTE}; red: channel-wise outliers)", fontsize=10)
+    for i, (subtitle, means, cos) in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        channels = np.arange(means.shape[0])
+        ax.scatter(channels, means, s=2, color="tab:blue", linewidths=0)
+        if len(cos):
+            ax.scatter(cos, means[cos], s=10, color="red", zorder=3, label=f"{len(cos)} COs")
+            ax.legend(fontsize=6, loc="best")
+        ax.set_title(subtitle, fontsize=8)
+        ax.set_xlabel("channel", fontsize=7)
+        ax.set_ylabel("channel mean", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def co_counts_figure(
+    layers: Sequence[int], series: Mapping[str, Mapping[str, Sequence[int]]], title: str
+) -> Figure:
+    """CO count per layer, one panel per tap, one line per setting (the paper's Fig. 9 style).
+
+    series: setting (e.g. "original", "γ → mean") -> tap -> counts per layer."""
+    taps = list(next(iter(series.values())))
+    ncols = min(4, len(taps))
+    nrows = -(-len(taps) // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 2.8 * nrows + 0.6), dpi=100)
+    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.1, top=1 - 0.55 / (2.8 * nrows + 0.6), hspace=0.5)
+    fig.suptitle(f"{title} ({LAYER_NOTE})", fontsize=10)
+    for i, tap in enumerate(taps):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for setting, by_tap in series.items():
+            ax.plot(layers, by_tap[tap], marker="o", ms=3, lw=1, label=setting)
+        ax.set_title(tap, fontsize=9)
+        ax.set_xlabel("layer", fontsize=7)
+        ax.set_ylabel("CO count", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=6)
+    return fig

@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 from outlier_study.adapters.base import ATTENTION_TAPS
 from outlier_study.hooks import tap_hooks
 from outlier_study.models.loader import LoadedModel
+from outlier_study.stats.channels import ChannelReducer, ChannelSummary
+from outlier_study.stats.massive import ma_mask
 from outlier_study.stats.reducers import TapReducer, TapStats
 
 StatsByTap = dict[tuple[int, str], TapStats]
@@ -126,3 +128,54 @@ def capture_abs_slice(
     with _capture_one(lm, layer, tap, out):
         forward(lm, window[None, :max_tokens])
     return out[0].cpu().numpy()
+
+
+ChannelsByTap = dict[tuple[int, str], ChannelSummary]
+NO_MA = "/no_ma"  # suffix of the extra keys profile_channels adds for taps measured with their MAs left out
+
+
+class ChannelProfiler:
+    """One ChannelReducer per (layer, tap), plus (layer, tap + NO_MA) for the taps in `without_ma`."""
+
+    def __init__(
+        self,
+        taps: list[str],
+        layers: list[int],
+        absolute: bool,
+        without_ma: tuple[str, ...] = (),
+        ma_rule: tuple[float, float] = (100.0, 1000.0),
+    ) -> None:
+        self.reducers = {(layer, tap): ChannelReducer(absolute) for layer in layers for tap in taps}
+        self.reducers |= {
+            (layer, tap + NO_MA): ChannelReducer(absolute) for layer in layers for tap in without_ma
+        }
+        self.without_ma, self.ma_rule = without_ma, ma_rule
+
+    def sink(self, layer: int, tap: str, x: torch.Tensor, valid: torch.Tensor | None) -> None:
+        flat, mask = as_tokens_by_channels(tap, x, valid)
+        self.reducers[(layer, tap)].update(flat, mask)
+        if tap in self.without_ma:
+            self.reducers[(layer, tap + NO_MA)].update(flat, ~ma_mask(flat, *self.ma_rule))
+
+    def result(self) -> ChannelsByTap:
+        return {key: reducer.result() for key, reducer in self.reducers.items()}
+
+
+def profile_channels(
+    lm: LoadedModel,
+    input_ids: torch.Tensor,
+    taps: list[str],
+    layers: list[int],
+    *,
+    absolute: bool = False,
+    without_ma: tuple[str, ...] = (),
+    ma_rule: tuple[float, float] = (100.0, 1000.0),
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str = "channels",
+) -> ChannelsByTap:
+    """Per-channel moments of `taps` at `layers` over all windows: all that CO detection needs."""
+    profiler = ChannelProfiler(taps, layers, absolute, without_ma, ma_rule)
+    with tap_hooks(lm.model, lm.adapter, taps, layers, profiler.sink):
+        forward_windows(lm, input_ids, batch_size, progress, desc)
+    return profiler.result()

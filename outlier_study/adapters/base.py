@@ -78,6 +78,28 @@ ATTENTION = TapSpec(module="<attention-function>", io="output")  # reached throu
 
 
 @dataclass(frozen=True)
+class WeightSpec:
+    """A weight matrix of a decoder layer: module path, and which of `parts` equal row blocks of its
+    (out, in) view it is (GPT-2's fused c_attn holds q, k and v as thirds)."""
+
+    module: str
+    part: int = 0
+    parts: int = 1
+
+
+# Weight names shared by the gated-MLP families (Llama, Qwen2, Mistral, Gemma3).
+GATED_WEIGHTS: dict[str, WeightSpec] = {
+    "q": WeightSpec("self_attn.q_proj"),
+    "k": WeightSpec("self_attn.k_proj"),
+    "v": WeightSpec("self_attn.v_proj"),
+    "o": WeightSpec("self_attn.o_proj"),
+    "gate": WeightSpec("mlp.gate_proj"),
+    "up": WeightSpec("mlp.up_proj"),
+    "down": WeightSpec("mlp.down_proj"),
+}
+
+
+@dataclass(frozen=True)
 class Adapter:
     """Declarative description of one architecture family."""
 
@@ -88,6 +110,7 @@ class Adapter:
     layers_path: str  # dotted path from the CausalLM to its list of decoder layers
     gamma_offset: float = 0.0  # Gemma RMSNorm scales by (1 + weight)
     norms: dict[str, str] = field(default_factory=dict)  # "attn" / "mlp" -> norm module path in a layer
+    weights: dict[str, WeightSpec] = field(default_factory=dict)  # "q", "k", ..., "down" -> where it lives
 
     def canonical(self, name: str) -> str:
         """Resolve a canonical tap, synonym or paper alias; reject names this architecture lacks."""
@@ -113,6 +136,18 @@ class Adapter:
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)  # type: ignore[return-value]
+
+    def norm_names(self, name: str, field_name: str) -> list[str]:
+        """Norm keys for a config value: one of `norms`, or "both" = attn and mlp."""
+        allowed = [*self.norms, "both"]
+        if name not in allowed:
+            raise ConfigError(field_name, f"no norm '{name}' in {self.family} models", allowed=allowed)
+        return ["attn", "mlp"] if name == "both" else [name]
+
+    def weight_name(self, name: str, field_name: str) -> str:
+        if name not in self.weights:
+            raise ConfigError(field_name, f"unknown matrix '{name}' for {self.family}", allowed=self.weights)
+        return name
 
 
 def resolve_taps(adapter: Adapter, names: list[str] | None) -> list[str]:

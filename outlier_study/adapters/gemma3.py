@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from outlier_study.adapters.base import ATTENTION, PAPER_ALIASES_GATED, Adapter, TapSpec
+from outlier_study.adapters.base import ATTENTION, GATED_WEIGHTS, PAPER_ALIASES_GATED, Adapter, TapSpec
 
 
 def gemma_standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -23,7 +23,13 @@ ADAPTER = Adapter(
     layers_path="model.layers",
     aliases=PAPER_ALIASES_GATED,
     gamma_offset=1.0,
-    norms={"attn": "input_layernorm", "mlp": "pre_feedforward_layernorm"},
+    norms={
+        "attn": "input_layernorm",
+        "mlp": "pre_feedforward_layernorm",
+        "attn_post": "post_attention_layernorm",
+        "mlp_post": "post_feedforward_layernorm",
+    },
+    weights=GATED_WEIGHTS,
     taps={
         "resid.pre": TapSpec("", "input"),
         "attn.norm_std": TapSpec("input_layernorm", "input", gemma_standardize),

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from outlier_study.adapters.base import ATTENTION, PAPER_ALIASES_GATED, Adapter, TapSpec, layer_standardize
+from outlier_study.adapters.base import (
+    ATTENTION,
+    PAPER_ALIASES_GATED,
+    Adapter,
+    TapSpec,
+    WeightSpec,
+    layer_standardize,
+)
 
 
 def _third(index: int) -> object:
@@ -24,6 +31,14 @@ ADAPTER = Adapter(
     layers_path="transformer.h",
     aliases=GPT2_ALIASES,
     norms={"attn": "ln_1", "mlp": "ln_2"},
+    weights={
+        "q": WeightSpec("attn.c_attn", 0, 3),
+        "k": WeightSpec("attn.c_attn", 1, 3),
+        "v": WeightSpec("attn.c_attn", 2, 3),
+        "o": WeightSpec("attn.c_proj"),
+        "gate": WeightSpec("mlp.c_fc"),  # GPT-2's c_fc plays the gate's role (y3 = its output)
+        "down": WeightSpec("mlp.c_proj"),
+    },
     taps={
         "resid.pre": TapSpec("", "input"),
         "attn.norm_std": TapSpec("ln_1", "input", layer_standardize),

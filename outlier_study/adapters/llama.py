@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from outlier_study.adapters.base import (
     ATTENTION,
+    GATED_WEIGHTS,
     PAPER_ALIASES_GATED,
     Adapter,
     TapSpec,
@@ -16,6 +17,7 @@ ADAPTER = Adapter(
     layers_path="model.layers",
     aliases=PAPER_ALIASES_GATED,
     norms={"attn": "input_layernorm", "mlp": "post_attention_layernorm"},
+    weights=GATED_WEIGHTS,
     taps={
         "resid.pre": TapSpec("", "input"),
         "attn.norm_std": TapSpec("input_layernorm", "input", rms_standardize),

@@ -1,0 +1,122 @@
+"""Per-channel moments streamed inside hooks, and the channel-wise outlier (CO) rule built on them.
+
+CO detection needs only each channel's count, mean and variance: the tensor's own mean and σ follow from
+merging the channels, so a CO profile is one `var_mean` per hooked tensor (two cache-friendly passes)
+instead of the full reducer's medians, top-k and higher moments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class ChannelSummary:
+    """Per-channel moments of one (layer, tap) over every token seen, and the tensor-wide ones.
+
+    With `absolute` every statistic is of |A| (channel means of |A|, their std, mean and σ of |A|)."""
+
+    count: np.ndarray  # (C,) elements per channel
+    mean: np.ndarray  # (C,) float64
+    std: np.ndarray  # (C,) population std
+    tensor_mean: float
+    tensor_std: float
+    absolute: bool
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.shape[0])
+
+
+class ChannelReducer:
+    """Streaming per-channel (count, mean, M2) with Chan's parallel merge; keeps no activation."""
+
+    def __init__(self, absolute: bool = False) -> None:
+        self.absolute = absolute
+        self._n: np.ndarray | None = None
+        self._mean: np.ndarray | None = None
+        self._m2: np.ndarray | None = None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """x: (..., C); valid: optional bool mask broadcastable to x, False entries are left out."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        if valid is None:
+            # Column sums as a matrix-vector product: on CPU ~10x faster than a reduction over dim 0
+            # (torch.var_mean is slower still). Float64 makes sum(a^2) - sum(a)^2/n exact enough even for
+            # a channel whose mean dwarfs its spread (1e4 vs 0.1) or that carries a 1e5 MA.
+            xd = x.to(torch.float64, copy=True)
+            if self.absolute:
+                xd.abs_()
+            rows = xd.shape[0]
+            ones = torch.ones(1, rows, dtype=torch.float64, device=xd.device)
+            s1 = (ones @ xd)[0]
+            s2 = (ones @ xd.square_())[0]
+            mean = s1 / rows
+            n_b = np.full(x.shape[1], float(rows))
+            mean_b = mean.cpu().numpy()
+            m2_b = (s2 - s1 * mean).clamp_(min=0.0).cpu().numpy()
+        else:
+            if self.absolute:
+                x = x.abs()
+            if x.dtype not in (torch.float32, torch.float64):
+                x = x.float()
+            keep = valid.to(x.device).expand(*valid.shape[:-1], x.shape[-1]).reshape(-1, x.shape[1])
+            count = keep.sum(0)
+            xz = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+            mean = xz.sum(0) / count.clamp(min=1)
+            d = torch.where(keep, x - mean, torch.zeros((), dtype=x.dtype, device=x.device))
+            n_b = count.double().cpu().numpy()
+            mean_b = mean.double().cpu().numpy()
+            m2_b = d.square().sum(0).double().cpu().numpy()
+        self._merge(n_b, mean_b, m2_b)
+
+    def _merge(self, n_b: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        if self._n is None:
+            self._n, self._mean, self._m2 = n_b, mean_b, m2_b
+            return
+        if n_b.shape != self._n.shape:
+            raise ValueError(f"channel count changed from {self._n.shape[0]} to {n_b.shape[0]}")
+        assert self._mean is not None and self._m2 is not None
+        tot = self._n + n_b
+        frac = np.divide(n_b, tot, out=np.zeros_like(tot), where=tot > 0)
+        delta = mean_b - self._mean
+        self._mean = self._mean + delta * frac
+        self._m2 = self._m2 + m2_b + delta * delta * self._n * frac
+        self._n = tot
+
+    def result(self) -> ChannelSummary:
+        if self._n is None:
+            raise ValueError("no activation was fed to this reducer")
+        assert self._mean is not None and self._m2 is not None
+        n, mean, m2 = self._n, self._mean, self._m2
+        has = n > 0
+        total = float(n.sum())
+        tensor_mean = float((n * mean)[has].sum() / total) if total else float("nan")
+        tensor_m2 = float((m2 + n * (mean - tensor_mean) ** 2)[has].sum())
+        std = np.sqrt(np.divide(m2, n, out=np.full(n.shape, np.nan), where=has))
+        return ChannelSummary(
+            count=n.astype(np.int64),
+            mean=np.where(has, mean, np.nan),
+            std=std,
+            tensor_mean=tensor_mean,
+            tensor_std=float(np.sqrt(tensor_m2 / total)) if total else float("nan"),
+            absolute=self.absolute,
+        )
+
+
+def channel_outliers(summary: ChannelSummary, m: float, beta: float) -> np.ndarray:
+    """Channels j with mean_j − mean(A) > m·σ(A) and std_j < β (DESIGN §3): a shifted, steady channel.
+
+    The rule is one-sided as the paper writes it; with signed means a channel shifted downwards is not a
+    CO, with `absolute` summaries it is (its |A| mean is high). Returns sorted channel indices."""
+    if not m > 0:
+        raise ValueError(f"m must be > 0, got {m}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    with np.errstate(invalid="ignore"):
+        hit = (summary.mean - summary.tensor_mean > m * summary.tensor_std) & (summary.std < beta)
+    return np.flatnonzero(hit)
