@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,19 +37,78 @@ def one_line(err: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def launcher_line(err: Exception) -> str | None:
+    """submitit's errors (a refused submission, a job cancelled or killed) as one line; None if not one."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    text = str(err)
+    if isinstance(err, FailedJobError) and isinstance(err.__cause__, subprocess.CalledProcessError):
+        reason = (text.strip().splitlines() or ["no message"])[-1]
+        return f"hydra.launcher: the cluster refused the jobs: {reason}"
+    if isinstance(err, UncompletedJobError):
+        found = re.search(r"Job (\S+) .*?with path (\S+).*?state: ([^)\n]*\)?)", text, flags=re.DOTALL)
+        if found:
+            job, result, state = found.groups()
+            return (
+                f"job {job} did not finish (state: {state.rstrip(')')}); its log is in "
+                f"{Path(result).parent}; rerunning the same command resumes the sweep"
+            )
+        return " ".join(text.split())
+    return None
+
+
+class JobFailed(Exception):
+    """A sweep job's failure as plain strings: submitit pickles it back from the node, and not every
+    exception survives that (ConfigError, or library errors with extra constructor arguments)."""
+
+    def __init__(self, job_dir: str, error: str, config_error: bool) -> None:
+        super().__init__(job_dir, error, config_error)
+        self.job_dir, self.error, self.config_error = job_dir, error, config_error
+
+    def __str__(self) -> str:
+        return f"{self.job_dir}: {self.error}"
+
+    def report(self) -> int:
+        """Bad input: its one line (exit 2). Else the job's traceback from its status.json (written where
+        it ran) and one line naming its folder (exit 1)."""
+        if self.config_error:
+            print(f"error: {self.error}", file=sys.stderr)
+            return 2
+        try:
+            status = json.loads((Path(self.job_dir) / "status.json").read_text())
+        except (OSError, ValueError):
+            status = {}
+        if status.get("traceback"):
+            print(status["traceback"].rstrip(), file=sys.stderr)
+        first = (self.error.strip().splitlines() or [""])[0]
+        print(f"error: job failed: {self.job_dir} ({first})", file=sys.stderr)
+        return 1
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from outlier_study.app import run  # heavy (torch, transformers): not needed to report a config typo
 
+    hydra_cfg = HydraConfig.get()
     try:
         run(cfg)
-    except ConfigError as err:  # exit here: past this point Hydra adds its own line about the job
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as err:
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # Hydra records the job as failed and runs the others
+            error = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
+            raise JobFailed(hydra_cfg.runtime.output_dir, error, isinstance(err, ConfigError)) from None
+        if isinstance(err, ConfigError):
+            print(f"error: {err}", file=sys.stderr)  # exit here: past this point Hydra adds a line of its own
+            sys.exit(2)
+        raise
 
 
 def main() -> None:
-    """Errors in the user's input: one line on stderr, exit code 2; other failures keep their traceback."""
+    """Errors in the user's input: one line on stderr, exit code 2; a failed sweep job: its traceback and
+    one line naming its folder, exit code 1; a job SLURM cancelled or refused: one line, exit code 1;
+    other failures keep their traceback."""
     os.environ.setdefault(
         "HYDRA_FULL_ERROR", "1"
     )  # let composition errors reach us instead of Hydra's printer
@@ -56,6 +117,14 @@ def main() -> None:
     except (HydraException, OmegaConfBaseException) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
+    except JobFailed as err:  # the first failed job of a multirun; the others ran to their end
+        sys.exit(err.report())
+    except Exception as err:
+        line = launcher_line(err)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -78,9 +78,11 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_status(job_dir: Path, state: str, error: BaseException | None = None) -> None:
-    """running | ok | failed (with the error and its traceback)."""
-    payload: dict[str, Any] = {"status": state, "time": datetime.now(UTC).isoformat()}
+def write_status(
+    job_dir: Path, state: str, error: BaseException | None = None, fields: Mapping[str, Any] | None = None
+) -> None:
+    """running | ok | failed (with the error and its traceback), plus `fields` (e.g. the config hash)."""
+    payload: dict[str, Any] = {"status": state, "time": datetime.now(UTC).isoformat(), **(fields or {})}
     if error is not None:
         payload["error"] = f"{type(error).__name__}: {error}"
         payload["traceback"] = "".join(traceback.format_exception(error))

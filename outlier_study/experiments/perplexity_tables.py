@@ -8,16 +8,33 @@ from typing import Any
 
 from outlier_study.context import Context
 from outlier_study.interventions import intervention
-from outlier_study.interventions.massive import replace_massive
+from outlier_study.interventions.massive import InterventionLog, replace_massive
 from outlier_study.perplexity import Perplexity, evaluate_perplexity
 from outlier_study.results import write_json, write_table
+from outlier_study.resume import WindowCheckpoint, checkpoint_path, config_fingerprint
 
 
-def _ppl(ctx: Context, desc: str) -> Perplexity:
+def evaluate(ctx: Context, desc: str, counters: dict[Any, int] | None = None) -> Perplexity:
+    """One perplexity evaluation of the job, checkpointed under the job dir by `desc` (unique per job), so
+    a preempted or requeued job resumes it; `counters`: an intervention's per-layer counts, kept with it."""
     bs = ctx.cfg.dataset.batch_size
-    return evaluate_perplexity(
-        ctx.lm, ctx.windows.input_ids, batch_size=bs, progress=ctx.cfg.progress, desc=desc
+    checkpoint = WindowCheckpoint(
+        checkpoint_path(ctx.job_dir, desc), key=f"{config_fingerprint(ctx.cfg)}|{desc}"
     )
+    return evaluate_perplexity(
+        ctx.lm,
+        ctx.windows.input_ids,
+        batch_size=bs,
+        progress=ctx.cfg.progress,
+        desc=desc,
+        checkpoint=checkpoint,
+        counters=counters,
+    )
+
+
+def _counts(log: object) -> dict[Any, int] | None:
+    """The per-layer counts an intervention's hooks add to during an evaluation (None: nothing counted)."""
+    return log.changed if isinstance(log, InterventionLog) else None
 
 
 def protocol(ctx: Context) -> dict[str, Any]:
@@ -32,8 +49,9 @@ def protocol(ctx: Context) -> dict[str, Any]:
 
 def run_perplexity(ctx: Context) -> dict[str, Any]:
     th = ctx.cfg.threshold
-    with intervention(ctx.lm, ctx.cfg.intervention, th) as log:
-        result = _ppl(ctx, f"perplexity ({ctx.cfg.intervention.name})")
+    ids, cfg = ctx.windows.input_ids, ctx.cfg
+    with intervention(ctx.lm, cfg.intervention, th, ids, cfg.progress, cfg.seed) as log:
+        result = evaluate(ctx, f"perplexity ({ctx.cfg.intervention.name})", _counts(log))
     changed = log.total if log is not None else 0
     write_json(
         ctx.job_dir / "perplexity.json",
@@ -74,7 +92,7 @@ def run_table2(ctx: Context) -> dict[str, Any]:
             else nullcontext
         )
         with make() as log:
-            results[column] = _ppl(ctx, f"table2 {column}").ppl
+            results[column] = evaluate(ctx, f"table2 {column}", _counts(log)).ppl
         changed[column] = log.total if log is not None else 0
     header = ["dataset", *results]
     rows = [
