@@ -1,0 +1,202 @@
+"""Fake (simulated) quantization: symmetric round-to-nearest, quantize-dequantize in floating point.
+
+Weights: one scale per output channel (or per group of `w_group_size` input columns), computed once when
+the context is entered. Activations: dynamic, one scale per token or per tensor, at the input of every
+linear inside the decoder layers (GPT-2's `Conv1D` included; the lm_head stays in full precision, as is
+usual). Keys and values (the k/v projection outputs, before RoPE) optionally, one scale per token and head.
+
+The scale is max|x| / (2^(b-1) - 1) of its group, so x / scale already lies in [-qmax, qmax] and no clamp
+is needed: the whole quantizer is one max, one divide, an in-place round and an in-place multiply. The
+error of every element is at most scale / 2. 16 bits means "not quantized" for that operand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from outlier_study.errors import require
+from outlier_study.quant.edits import reversible
+from outlier_study.quant.layout import decoder_linears, head_dim, layout_for, to_storage, weight_out_in
+
+if TYPE_CHECKING:
+    from outlier_study.models.loader import LoadedModel
+
+OFF_BITS = 16  # 16 bits = this operand is left in full precision
+GRANULARITIES: tuple[str, ...] = ("token", "tensor")
+_MIN_AMAX = 1e-30  # an all-zero group gets a tiny scale and quantizes to exact zeros instead of 0/0
+
+
+def check_bits(bits: Any, field: str) -> int:
+    """An integer bit width in 2..16, else a one-line ConfigError naming `field`."""
+    ok = isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= OFF_BITS
+    require(ok, field, f"must be an integer in 2..16, got {bits!r}", allowed=["2..16 (16 = not quantized)"])
+    return int(bits)
+
+
+def qmax(bits: int) -> int:
+    """Largest quantized magnitude of a signed symmetric b-bit grid."""
+    return 2 ** (bits - 1) - 1
+
+
+def _round_to_grid(x: torch.Tensor, amax: torch.Tensor, bits: int) -> torch.Tensor:
+    """x quantized with scale amax / qmax (amax broadcasts against x); a new tensor, x is not written."""
+    scale = amax.float().clamp_min_(_MIN_AMAX).div_(qmax(bits))
+    out = torch.div(x, scale).round_().mul_(scale)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def quantize(
+    x: torch.Tensor, bits: int, *, group_size: int | None = None, per_sample: bool = False
+) -> torch.Tensor:
+    """Symmetric round-to-nearest fake quantization of x (never modified in place).
+
+    Scales: one per row of the last dimension (default: per token for activations, per output channel for
+    an (out, in) weight); one per group of `group_size` consecutive elements of the last dimension (the
+    last group is zero-padded when the size does not divide); or, with `per_sample`, one per x[i] (per
+    tensor for each sequence of a batch, so results do not depend on the batch size).
+    """
+    if bits >= OFF_BITS:
+        return x
+    if per_sample:
+        amax = x.abs().amax(dim=tuple(range(1, x.dim())), keepdim=True)
+        return _round_to_grid(x, amax, bits)
+    width = x.shape[-1]
+    if group_size is None or group_size >= width:
+        return _round_to_grid(x, x.abs().amax(dim=-1, keepdim=True), bits)
+    pad = (-width) % group_size
+    padded = F.pad(x, (0, pad)) if pad else x
+    groups = padded.reshape(*padded.shape[:-1], -1, group_size)
+    out = _round_to_grid(groups, groups.abs().amax(dim=-1, keepdim=True), bits).reshape(padded.shape)
+    return out[..., :width] if pad else out
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Bit widths and granularities of one fake-quantization setting (validated on construction)."""
+
+    w_bits: int = OFF_BITS
+    a_bits: int = OFF_BITS
+    kv_bits: int = OFF_BITS
+    w_group_size: int | None = None  # None: one scale per output channel
+    a_granularity: str = "token"  # token | tensor
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, "quant.w_bits")
+        check_bits(self.a_bits, "quant.a_bits")
+        check_bits(self.kv_bits, "quant.kv_bits")
+        g = self.w_group_size
+        ok = g is None or (isinstance(g, int) and not isinstance(g, bool) and g > 0)
+        require(ok, "quant.w_group_size", f"must be a positive integer or null, got {g!r}")
+        require(
+            self.a_granularity in GRANULARITIES,
+            "quant.a_granularity",
+            f"unknown granularity {self.a_granularity!r}",
+            allowed=GRANULARITIES,
+        )
+
+    @property
+    def label(self) -> str:
+        """The usual column name, e.g. W8A8, W4A16, W16A16, W4A4KV4."""
+        kv = f"KV{self.kv_bits}" if self.kv_bits < OFF_BITS else ""
+        return f"W{self.w_bits}A{self.a_bits}{kv}"
+
+    @property
+    def active(self) -> bool:
+        return min(self.w_bits, self.a_bits, self.kv_bits) < OFF_BITS
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "quant": self.name,
+            "quant.label": self.label,
+            "quant.w_bits": self.w_bits,
+            "quant.a_bits": self.a_bits,
+            "quant.kv_bits": self.kv_bits,
+            "quant.w_group_size": self.w_group_size,
+            "quant.a_granularity": self.a_granularity,
+        }
+
+
+def spec_from_config(cfg: Any) -> QuantSpec:
+    """A QuantSpec from the `quant` config group (a QuantConfig)."""
+    return QuantSpec(
+        w_bits=cfg.w_bits,
+        a_bits=cfg.a_bits,
+        kv_bits=cfg.kv_bits,
+        w_group_size=cfg.w_group_size,
+        a_granularity=str(cfg.a_granularity),
+        name=str(cfg.name),
+    )
+
+
+class ActivationQuantizer:
+    """The pre-hook of every linear. q/k/v (and gate/up) read the very same tensor object, so the last
+    input's quantization is reused when that object arrives again: one quantization per distinct input.
+    (Holding a reference to the last input keeps its memory from being reused by another tensor.)"""
+
+    def __init__(self, bits: int, granularity: str) -> None:
+        self.bits, self.per_sample = bits, granularity == "tensor"
+        self._last_in: torch.Tensor | None = None
+        self._last_out: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        if x is not self._last_in:
+            self._last_out = quantize(x, self.bits, per_sample=self.per_sample)
+            self._last_in = x
+        return (self._last_out, *args[1:])
+
+    def clear(self) -> None:
+        self._last_in = self._last_out = None
+
+
+def _kv_hook(bits: int, group: int, fused_width: int | None) -> Any:
+    """Quantize a k/v projection output per token and head; for GPT-2's c_attn only its k and v thirds."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        if fused_width is None:
+            return quantize(output, bits, group_size=group)
+        q_part, kv_part = output[..., :fused_width], output[..., fused_width:]
+        return torch.cat((q_part, quantize(kv_part, bits, group_size=group)), dim=-1)
+
+    return hook
+
+
+@contextmanager
+def fake_quant(lm: LoadedModel, spec: QuantSpec) -> Iterator[dict[str, Any]]:
+    """Quantize the decoder's linear weights and hook their inputs (and k/v outputs) for the block.
+
+    The weights get new (quantized) tensors and the original tensor objects come back on exit, so the
+    restore is bit-exact, also when the body raises. Hooks are appended, so a method's pre-hooks registered
+    with prepend=True (MA removal, the online Hadamard) run before the activation quantizer."""
+    model, adapter = lm.model, lm.adapter
+    linears = decoder_linears(model, adapter)
+    record: dict[str, Any] = {**spec.summary(), "quant.n_linears": len(linears)}
+    with reversible() as edits, ExitStack() as stack:
+        if spec.w_bits < OFF_BITS:
+            with torch.no_grad():
+                for _, _, module in linears:
+                    w = quantize(weight_out_in(module).detach(), spec.w_bits, group_size=spec.w_group_size)
+                    edits.set_data(module.weight, to_storage(module, w))
+        if spec.a_bits < OFF_BITS:
+            quantizer = ActivationQuantizer(spec.a_bits, spec.a_granularity)
+            stack.callback(quantizer.clear)
+            for _, _, module in linears:
+                stack.callback(module.register_forward_pre_hook(quantizer).remove)
+        if spec.kv_bits < OFF_BITS:
+            layout = layout_for(adapter)
+            group = head_dim(model.config)
+            for block in adapter.layers(model):
+                for path in layout.kv:
+                    module = block.get_submodule(path)
+                    fused = weight_out_in(module).shape[0] // 3 if layout.kv_fused else None
+                    hook = _kv_hook(spec.kv_bits, group, fused)
+                    stack.callback(module.register_forward_hook(hook).remove)
+        yield record
