@@ -10,6 +10,7 @@ ARGS ?=
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@echo "  paper items take MODEL=$(MODEL) DATASET=$(DATASET) LAUNCHER=$(LAUNCHER) (basic | local | slurm) ARGS=..."
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +36,55 @@ lint: install ## ruff lint and format check
 	$(VENV)/bin/ruff check outlier_study tests scripts
 	$(VENV)/bin/ruff format --check outlier_study tests scripts
 
+# ---- paper items: one target each; `make table2 MODEL=llama-3.1-8b LAUNCHER=slurm DATASET=c4` ----------
+MODEL ?= smollm2-135m
+WIKITEXT ?= ../shared/data/wikitext-2-raw/wiki.test.raw
+DATASET ?= $(if $(wildcard $(WIKITEXT)),wikitext2,embedded)
+LAUNCHER ?= basic
+OUT ?= outputs
+SWEEP ?= $(MODEL)_$(DATASET)
+PAPER_OUT ?= outputs/paper
+PAPER_ITEMS := table1 table2 table3 table45 table6 fig4 fig5 fig6 fig7 fig8 fig9
+DATA_ARGS = dataset=$(DATASET) $(if $(and $(filter wikitext2,$(DATASET)),$(wildcard $(WIKITEXT))),dataset.path=$(abspath $(WIKITEXT)))
+# One multirun per item (so LAUNCHER=slurm fans out, a rerun resumes and skips finished jobs), then collect.
+paper_item = HF_HUB_OFFLINE=1 $(VENV)/bin/outlier-study -m experiment=$(1) model=$(MODEL) $(DATA_ARGS) \
+	hydra/launcher=$(LAUNCHER) paths.output_root=$(OUT) paths.sweep=$(SWEEP) progress=false $(ARGS) \
+	&& $(VENV)/bin/outlier-study-collect $(OUT)/$(1)/$(SWEEP)
+
+table1: install ## paper Table 1: true vs fake massive activations in the residual stream
+	$(call paper_item,table1)
+table2: install ## paper Table 2: perplexity with the MAs at y6 / y7 set to mean / zero
+	$(call paper_item,table2)
+table3: install ## paper Table 3: perplexity with the OTC rows of W_q/W_k/W_v → row mean vs random rows
+	$(call paper_item,table3)
+table45: install ## paper Tables 4/5: top-2 values at x1..x9, y1..y7 before/after removing the y6 MAs
+	$(call paper_item,table45)
+table6: install ## paper Table 6: k-SD channels of QKV / γ / MLP weights → channel mean vs random
+	$(call paper_item,table6)
+fig4: install ## paper Fig. 4: per-layer top-3 |a| of the layer inputs, original vs only TMAs left
+	$(call paper_item,fig4)
+fig5: install ## paper Fig. 5: Fig. 4 for a GPT-2 model (MODEL=gpt2-xl needs the hub; default MODEL here)
+	$(call paper_item,fig5)
+fig6: install ## paper Fig. 6: 3-D |a| over tokens × channels, original vs residual MAs removed
+	$(call paper_item,fig6)
+fig7: install ## paper Fig. 7: norm input vs output channel means at layer 0, COs for m = 6, 4, 2
+	$(call paper_item,fig7)
+fig8: install ## paper Fig. 8: one norm in four stages (input, without MAs, standardized, after γ)
+	$(call paper_item,fig8)
+fig9: install ## paper Fig. 9: CO count per layer, original vs γ at the COs → mean / zero
+	$(call paper_item,fig9)
+
+paper: install ## every table and figure above into PAPER_OUT (outputs/paper), plus one HTML report
+	$(MAKE) --no-print-directory $(PAPER_ITEMS) OUT=$(PAPER_OUT)
+	$(VENV)/bin/outlier-study-collect $(PAPER_OUT)
+
+slurm-up: ## start the real single-node SLURM cluster on this machine (root; installs Debian packages if missing)
+	scripts/slurm_local.sh up
+
+slurm-down: ## stop the local SLURM cluster (only the daemons slurm-up started, by PID)
+	scripts/slurm_local.sh down
+
 clean: ## remove outputs (keeps .venv and the model cache)
 	rm -rf outputs multirun .pytest_cache
 
-.PHONY: help install run test bench lint clean
+.PHONY: help install run test bench lint clean slurm-up slurm-down paper $(PAPER_ITEMS)

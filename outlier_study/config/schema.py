@@ -73,27 +73,47 @@ class DatasetConfig:
 class ThresholdConfig:
     ma_abs: float = 100.0  # MA: |a| above this ...
     ma_ratio: float = 1000.0  # ... and at least this times the median |a| of its tensor (per window)
-    co_m: float = 4.0  # CO: channel mean exceeds tensor mean by m·σ ...
-    co_beta: float = 1.0 / 3.0  # ... and the channel's std is below β
-    co_abs_mean: bool = False  # CO channel means of |A| (true) or of signed A (false)
+    m: float = 4.0  # CO: channel mean exceeds tensor mean by m·σ ...
+    beta: float = 1.0 / 3.0  # ... and the channel's std is below β
+    abs_mean: bool = False  # CO statistics of |A| (true) or of signed A (false)
     sd: list[float] = field(default_factory=lambda: [6.0, 4.0, 2.0])  # SD-threshold levels (Table 6)
     top_k: int = 3  # how many largest |a| each (layer, tap) keeps
 
 
 @dataclass
 class InterventionConfig:
-    name: str = "none"  # none | massive | residual
+    name: str = "none"  # none | massive | residual | gamma | weight_channels
     tap: str = "mlp.hidden"  # massive: where MAs are replaced (canonical name or paper alias)
-    value: str = "mean"  # zero | mean (mean of that window's tensor at the tap, MAs included)
+    value: str = "mean"  # massive/residual/gamma: zero | mean; weight_channels: channel_mean | zero
     layers: list[int] | None = None  # null: every layer
+    norm: str = "both"  # gamma: attn | mlp | both (Gemma3 also attn_post | mlp_post)
+    channels: list[int] | None = None  # gamma: γ entries to edit; null = the COs of the norm output
+    select: str = "otc"  # weight_channels: otc | sd
+    matrices: list[str] = field(default_factory=lambda: ["q", "k", "v"])  # weight_channels: which weights
+    sd_level: float = 4.0  # weight_channels, select=sd: k of the k-SD rule
+    statistic: str = "absmean"  # weight_channels, select=sd: per-channel statistic (see README)
+    axis: str = "out"  # weight_channels, select=sd: out (rows: output channels) | in (columns)
+    random: bool = False  # weight_channels: the same number of random channels instead (control)
+
+
+class TrackerMode(StrEnum):
+    """offline: the run stays on disk until `wandb sync`; online: streamed to the W&B server."""
+
+    offline = "offline"
+    online = "online"
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"
+    name: str = "none"  # none | wandb (conf/logger/wandb.yaml documents each key)
     project: str | None = None
     entity: str | None = None
-    mode: str = "offline"
+    mode: TrackerMode = TrackerMode.offline
+    dir: str | None = None  # parent of the run's wandb/ folder; null = the job directory
+    group: str | None = None  # null: the sweep folder's name (single runs: the experiment)
+    run_name: str | None = None  # null: the job's overrides (hydra.job.override_dirname)
+    tags: list[str] = field(default_factory=list)
+    notes: str | None = None
 
 
 @dataclass
@@ -112,11 +132,48 @@ class ExperimentConfig:
     layer: int = 1  # table45: the layer whose x1..y7 are tabulated (the next layer is shown too)
     value: str = "mean"  # table45: what the MAs at y6 are replaced with (zero | mean)
     plot_layers: list[int] | None = None  # fig6: layers drawn; null = the two with the largest |a|
+    m_values: list[float] = field(default_factory=lambda: [6.0, 4.0, 2.0])  # fig7: CO thresholds drawn
+    random_seeds: int = 3  # table3/table6: random controls per row (seeds seed..seed+n-1)
+    matrices: list[str] = field(default_factory=lambda: ["q", "k", "v"])  # table3: weights searched for OTCs
+    targets: list[str] = field(default_factory=lambda: ["qkv", "norm", "mlp"])  # table6: weight groups
+    statistic: str = "absmean"  # table6: per-channel statistic (absmean | mean | absmax | l2)
+    axis: str = "out"  # table6: channel axis of a weight matrix (out: rows | in: columns)
+    gamma_values: list[str] = field(default_factory=lambda: ["mean", "zero"])  # fig9: γ edits compared
+    norm: str = "both"  # fig9: which norms' γ is edited (attn | mlp | both)
+    diag_windows: int = 2  # quant: evaluation windows for per-layer error and kurtosis (≤ n_windows)
+
+
+class Granularity(StrEnum):
+    """Activation quantization scales: one per token, or one per tensor (per sequence of a batch)."""
+
+    token = "token"
+    tensor = "tensor"
+
+
+@dataclass
+class QuantConfig:
+    name: str = "none"  # label of the setting in results: none (W16A16) | w8a8 | w4a8 | w4a4 | ...
+    w_bits: int = 16  # weights, symmetric round-to-nearest per output channel: 2..16 (16 = not quantized)
+    a_bits: int = 16  # inputs of every decoder linear, dynamic symmetric: 2..16 (16 = not quantized)
+    kv_bits: int = 16  # k/v projection outputs, per token and head: 2..16 (16 = not quantized)
+    w_group_size: int | None = None  # null: one scale per output channel; else input columns per scale
+    a_granularity: Granularity = Granularity.token  # token | tensor
+
+
+@dataclass
+class MethodConfig:
+    name: str = "none"  # none | massive_y6 | smoothquant | rotation (outlier_study/quant/methods.py)
+    calib_windows: int = 32  # calibrated methods: windows disjoint from the evaluation windows
+    alpha: float = 0.5  # smoothquant: migration strength α in [0, 1]
+    seed: int = 0  # rotation: seed of the randomized orthogonal matrices
+    value: str = "mean"  # massive_y6: zero | mean (the window's tensor mean at y6); gamma_smooth: mean | zero
+    norm: str = "both"  # gamma_smooth: attn | mlp | both (Gemma3 also attn_post | mlp_post)
 
 
 @dataclass
 class PathsConfig:
     output_root: str = "outputs"
+    sweep: str = "multirun"  # multirun folder under <output_root>/<experiment>/; same name = resume
     model_cache: str = "${oc.env:OUTLIER_STUDY_CACHE,${oc.env:HOME}/.cache/outlier-study}/models"
 
 
@@ -127,6 +184,8 @@ class RootConfig:
     experiment: ExperimentConfig = MISSING
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     intervention: InterventionConfig = field(default_factory=InterventionConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     taps: list[str] | None = None  # null: every tap except attention scores/probs
@@ -135,6 +194,7 @@ class RootConfig:
     device: str = "cpu"  # cpu | cuda | auto (device_map="auto" across GPUs)
     dtype: DType = DType.float32
     progress: bool = True  # tqdm bars over windows
+    reuse_models: int = 1  # loaded models kept for the next job of an in-process sweep (0 = never reuse)
 
 
 def register_configs() -> None:

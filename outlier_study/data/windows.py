@@ -25,11 +25,21 @@ class Windows:
     protocol: dict[str, Any]  # dataset, split, seq_len, sampling, seed, bos, corpus size and sha256
 
 
+# The last tokenization, reused while the same tokenizer object sees the same text again: the jobs of an
+# in-process sweep share one reused model (models/reuse.py) and would otherwise re-tokenize the corpus each.
+_last: tuple[Any, int, str, torch.Tensor] | None = None
+
+
 def tokenize_corpus(text: str, tokenizer: Any) -> torch.Tensor:
     """The tokenizer's own ids for the whole text at once (no chunking that could change merges)."""
+    global _last
+    if _last is not None and _last[0] is tokenizer and _last[1] == hash(text) and _last[2] == text:
+        return _last[3]
     # verbose=False: the corpus is longer than model_max_length by design; windows cut it later.
     encoded = tokenizer(text, add_special_tokens=False, verbose=False, return_attention_mask=False)
-    return torch.tensor(encoded["input_ids"], dtype=torch.long)
+    ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
+    _last = (tokenizer, hash(text), text, ids)
+    return ids
 
 
 def _check_shape(seq_len: int, n_windows: int) -> None:
@@ -116,3 +126,55 @@ def build_windows(cfg: Any, tokenizer: Any, max_context: int | None) -> Windows:
         "corpus_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
     }
     return Windows(input_ids=input_ids, starts=starts, protocol=protocol)
+
+
+def disjoint_starts(
+    n_tokens: int, taken: list[int], text_len: int, n_windows: int, sampling: str, seed: int, field: str
+) -> list[int]:
+    """Starts of `n_windows` windows of `text_len` tokens overlapping none of the windows at `taken`.
+
+    The corpus outside the taken windows is cut into back-to-back windows; `contiguous` keeps the first
+    ones (for contiguous evaluation windows: the text right after them), `random` draws with `seed`."""
+    require(n_windows > 0, field, f"must be positive, got {n_windows}")
+    candidates: list[int] = []
+    cursor = 0
+    for start in sorted(taken) + [n_tokens]:
+        free_end = min(start, n_tokens)
+        while cursor + text_len <= free_end:
+            candidates.append(cursor)
+            cursor += text_len
+        cursor = max(cursor, start + text_len)
+    require(
+        len(candidates) >= n_windows,
+        field,
+        f"the corpus has room for only {len(candidates)} windows of {text_len} tokens disjoint from the "
+        f"evaluation windows, {n_windows} asked; lower it, dataset.n_windows or dataset.seq_len",
+    )
+    if enum_value(sampling) == "random":
+        return sorted(random.Random(seed).sample(candidates, n_windows))
+    return candidates[:n_windows]
+
+
+def build_calibration_windows(
+    cfg: Any, tokenizer: Any, evaluation: Windows, n_windows: int, field: str = "method.calib_windows"
+) -> Windows:
+    """Calibration windows from the same corpus and protocol as `evaluation` (same seq_len and BOS policy),
+    disjoint from every evaluation window, so a calibrated method never sees the text it is scored on."""
+    protocol = evaluation.protocol
+    bos_id = protocol["bos_id"]
+    text_len = int(protocol["seq_len"]) - (1 if bos_id is not None else 0)
+    ids = tokenize_corpus(load_corpus(cfg), tokenizer)
+    starts = disjoint_starts(
+        int(ids.numel()),
+        evaluation.starts,
+        text_len,
+        n_windows,
+        protocol["sampling"],
+        int(protocol["seed"]),
+        field,
+    )
+    rows = torch.stack([ids[s : s + text_len] for s in starts])
+    if bos_id is not None:
+        rows = torch.cat([torch.full((n_windows, 1), int(bos_id), dtype=torch.long), rows], dim=1)
+    calib = {**protocol, "n_windows": n_windows, "role": "calibration, disjoint from the evaluation windows"}
+    return Windows(input_ids=rows, starts=starts, protocol=calib)
