@@ -127,7 +127,7 @@ def run_fig8(ctx: Context) -> dict[str, Any]:
     inputs = tuple(triple[0] for triple in NORM_TAPS.values())
     summaries = _profile(ctx, taps, [layer], without_ma=inputs)
     cos = cos_by_key(summaries, m, beta)
-    panels, rows = [], []
+    panels, rows, counts = [], [], {}
     for src, std, out in NORM_TAPS.values():
         for key, label in (
             (src, src),
@@ -138,11 +138,12 @@ def run_fig8(ctx: Context) -> dict[str, Any]:
             idx = cos[(layer, key)]
             panels.append((f"{label} (layer {layer})", summaries[(layer, key)].mean, idx))
             rows.append([label, len(idx), _channel_list(idx, 12)])
+            counts[f"co.{key}"] = len(idx)
     title = f"{ctx.cfg.model.name}: inside the norms, m={m:g}, β={beta:.3g}"
     write_figure(ctx.figures_dir / "fig8.png", channel_means_figure(panels, 4, title))
     text = write_table(ctx.tables_dir, "fig8", ["stage", "COs", "channels"], rows)
     print(f"\nFig. 8 — channel-wise outliers through the norms of layer {layer}:\n{text}")
-    return {**_rule(ctx), "layer": layer, **{f"co.{r[0]}": r[1] for r in rows}}
+    return {**_rule(ctx), "layer": layer, **counts}
 
 
 def run_fig9(ctx: Context) -> dict[str, Any]:
