@@ -30,25 +30,19 @@ class Layout:
     final_norm: str = "model.norm"
 
 
+_GATED = Layout(  # Llama, Qwen2, Mistral and Gemma3 name their projections alike
+    readers={
+        "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "mlp": ("mlp.gate_proj", "mlp.up_proj"),
+    },
+    writers=("self_attn.o_proj", "mlp.down_proj"),
+    down="mlp.down_proj",
+    kv=("self_attn.k_proj", "self_attn.v_proj"),
+)
+
 LAYOUTS: dict[str, Layout] = {
-    "llama": Layout(
-        readers={
-            "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            "mlp": ("mlp.gate_proj", "mlp.up_proj"),
-        },
-        writers=("self_attn.o_proj", "mlp.down_proj"),
-        down="mlp.down_proj",
-        kv=("self_attn.k_proj", "self_attn.v_proj"),
-    ),
-    "gemma3": Layout(
-        readers={
-            "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            "mlp": ("mlp.gate_proj", "mlp.up_proj"),
-        },
-        writers=("self_attn.o_proj", "mlp.down_proj"),
-        down="mlp.down_proj",
-        kv=("self_attn.k_proj", "self_attn.v_proj"),
-    ),
+    "llama": _GATED,
+    "gemma3": _GATED,
     "gpt2": Layout(
         readers={"attn": ("attn.c_attn",), "mlp": ("mlp.c_fc",)},
         writers=("attn.c_proj", "mlp.c_proj"),
