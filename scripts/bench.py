@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -99,6 +100,7 @@ def table2_seconds(args: argparse.Namespace, out_dir: Path) -> float:
 
     cfg, _ = compose(args)
     cfg.experiment.name = "table2"
+    shutil.rmtree(out_dir / "table2_job", ignore_errors=True)  # a finished job would be skipped (resume)
     t = time.perf_counter()
     run(cfg, job_dir=out_dir / "table2_job")
     return time.perf_counter() - t
@@ -115,8 +117,6 @@ MULTIRUN = [
 
 def multirun_seconds(args: argparse.Namespace, out_dir: Path) -> float:
     """Wall time of a 6-job sweep as a user runs it: CLI entry, Hydra's basic launcher, this process."""
-    import shutil
-
     from outlier_study import cli
 
     root = out_dir / "multirun_root"
