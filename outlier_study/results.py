@@ -21,12 +21,20 @@ import numpy as np
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "datasets", "wandb", "submitit", "gguf")
 
 
+def _file_mode() -> int:
+    """The mode open() would give a new file (0666 minus the umask); mkstemp's own 0600 hides results."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            os.fchmod(fh.fileno(), _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
