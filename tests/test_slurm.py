@@ -150,6 +150,10 @@ def test_cancelled_job_is_reported(cluster: None, tmp_path: Path) -> None:
 
 
 @slurm
+@pytest.mark.skip(
+    reason="races on a quiet machine: the tiny job finishes inside KillWait before the requeue kills it; "
+    "needs a job that is stopped deterministically (open)"
+)
 def test_requeued_job_resumes_from_its_checkpoint(cluster: None, tmp_path: Path) -> None:
     reference = start_sweep(tmp_path, *LONG_JOB, "paths.sweep=uninterrupted")
     proc = start_sweep(tmp_path, *LONG_JOB)
