@@ -18,7 +18,7 @@ from outlier_study.channel_detection import (
     sd_channels,
 )
 from outlier_study.errors import ConfigError
-from outlier_study.interventions.channel_edits import detect_otc, gamma_intervention
+from outlier_study.interventions.channel_edits import detect_cos, detect_otc, gamma_intervention
 from outlier_study.interventions.parameters import edit_gamma, edit_weight_channels, gamma_param, weight_view
 from outlier_study.models.loader import LoadedModel
 from outlier_study.profiling import NO_MA, profile_channels, profile_windows
@@ -117,6 +117,29 @@ def test_planted_otc_row_is_found(qwen: LoadedModel, token_ids: torch.Tensor) ->
             q.bias.copy_(saved[1])
     assert otc[(1, "q")].tolist() == [5]
     assert all(otc[key].size == 0 for key in otc if key != (1, "q"))
+
+
+def test_planted_constant_value_channel_is_a_co_of_the_attention_context(
+    qwen: LoadedModel, token_ids: torch.Tensor
+) -> None:
+    """Attention weights sum to one, so a constant channel of V (row 3 of layer 1's W_v zeroed, bias 6)
+    stays constant in the context x7 of every head that reads it: that channel is the only CO there."""
+    v = qwen.adapter.layers(qwen.model)[1].self_attn.v_proj
+    saved = (v.weight.detach().clone(), v.bias.detach().clone())
+    try:
+        with torch.no_grad():
+            v.weight[3] = 0.0
+            v.bias[3] = 6.0
+        th = make_cfg("model=tiny-qwen2").threshold
+        cos = detect_cos(qwen, token_ids, ["attn.ctx"], [0, 1, 2], th, progress=False)
+    finally:
+        with torch.no_grad():
+            v.weight.copy_(saved[0])
+            v.bias.copy_(saved[1])
+    readers = qwen.model.config.num_attention_heads // qwen.model.config.num_key_value_heads  # of KV head 0
+    head_dim = v.out_features // qwen.model.config.num_key_value_heads
+    assert cos[(1, "attn.ctx")].tolist() == [h * head_dim + 3 for h in range(readers)]
+    assert cos[(0, "attn.ctx")].size == 0 and cos[(2, "attn.ctx")].size == 0
 
 
 def test_otc_excludes_channels_that_are_already_outliers_in_x2() -> None:

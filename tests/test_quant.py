@@ -492,6 +492,8 @@ def test_quant_experiment_writes_its_results(tmp_path: Path) -> None:
         assert all(s + text_len <= e or e + text_len <= s for e in evaluation["starts"])
     header = (job / "tables" / "quant.csv").read_text().splitlines()[0]
     assert header == "dataset,method,W4A8"
+    co_layers = json.loads((job / "perplexity.json").read_text())["co_layers"]
+    assert set(co_layers) <= set(range(metrics["n_layers"] if "n_layers" in metrics else 3))
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from outlier_study.context import Context
 from outlier_study.data.windows import build_calibration_windows
 from outlier_study.errors import require
 from outlier_study.experiments.perplexity_tables import protocol
+from outlier_study.interventions.channel_edits import detect_cos
 from outlier_study.perplexity import evaluate_perplexity
 from outlier_study.profiling import Profile, forward_windows, profile_windows
 from outlier_study.quant.error import quant_error
@@ -48,6 +49,22 @@ def _profile(ctx: Context, ids: Any, taps: list[str], desc: str) -> Profile:
         progress=bool(ctx.cfg.progress),
         desc=desc,
     )
+
+
+def _co_layers(ctx: Context, ids: Any, taps: list[str]) -> list[int]:
+    """Layers where a linear input holds a channel-wise outlier in the original model (threshold.m/beta)."""
+    cfg = ctx.cfg
+    cos = detect_cos(
+        ctx.lm,
+        ids,
+        taps,
+        ctx.layers,
+        cfg.threshold,
+        bool(cfg.progress),
+        "channel-wise outliers (original)",
+        int(cfg.dataset.batch_size),
+    )
+    return sorted({layer for (layer, _), idx in cos.items() if idx.size})
 
 
 def _kurtosis_rows(before: Profile, after: Profile) -> list[list[Any]]:
@@ -101,10 +118,15 @@ def _write_tables(
 
 
 def _error_figure(
-    ctx: Context, method: str, label: str, errors: dict[tuple[int, str], float], before: Profile
+    ctx: Context,
+    method: str,
+    label: str,
+    errors: dict[tuple[int, str], float],
+    before: Profile,
+    co_layers: list[int],
 ) -> None:
     """Per-layer error, one line per linear (short names unless they collide, as GPT-2's two c_proj do),
-    with the layers holding massive activations in the original model marked."""
+    with the layers holding massive activations or channel-wise outliers in the original model marked."""
     paths = {path for _, path in errors}
     short = {path: path.rsplit(".", 1)[-1] for path in paths}
     if len(set(short.values())) < len(paths):
@@ -116,7 +138,10 @@ def _error_figure(
     fig = quant_error_figure(
         sorted({layer for layer, _ in errors}),
         dict(by_linear),
-        {"massive activations (original model)": ma_layers},
+        {
+            "massive activations (original model)": ma_layers,
+            "channel-wise outliers (original model)": co_layers,
+        },
         f"{ctx.cfg.model.name}: relative quantization error, {label}, method {method}",
     )
     write_figure(ctx.figures_dir / "quant_error.png", fig)
@@ -137,6 +162,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
     taps = _kurtosis_taps(ctx)
     before = _profile(ctx, diag_ids, taps, "kurtosis (original)")
+    co_layers = _co_layers(ctx, diag_ids, taps)
     inputs = MethodInputs(lm, cfg.method, cfg.threshold, calibration, batch_size, progress)
     with method.apply(inputs) as record:
         with fake_quant(lm, spec):
@@ -151,7 +177,7 @@ def run(ctx: Context) -> dict[str, Any]:
     errors = error_log.relative()
 
     cell = _write_tables(ctx, method_name, spec.label, result.ppl, errors, before, after)
-    _error_figure(ctx, method_name, spec.label, errors, before)
+    _error_figure(ctx, method_name, spec.label, errors, before, co_layers)
     write_json(
         ctx.job_dir / "perplexity.json",
         {
@@ -162,6 +188,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "ppl": result.ppl,
             "n_tokens": result.n_tokens,
             "calibration_starts": None if calib_record is None else calib_record["starts"],
+            "co_layers": co_layers,
         },
     )
     print(f"\nquantization ({cfg.model.name}, {cfg.dataset.name}, token-level perplexity):")

@@ -45,6 +45,30 @@ NORM_OUTPUT_TAP: dict[str, str] = {
 SELECTS: tuple[str, ...] = ("otc", "sd")
 
 
+def detect_cos(
+    lm: LoadedModel,
+    input_ids: torch.Tensor,
+    taps: list[str],
+    layers: list[int],
+    threshold: Any,
+    progress: bool,
+    desc: str = "CO detection",
+    batch_size: int = 1,
+) -> Selection:
+    """(layer, tap) -> CO channels over the windows, by threshold.m / beta / abs_mean."""
+    summaries = profile_channels(
+        lm,
+        input_ids,
+        taps,
+        layers,
+        absolute=bool(threshold.abs_mean),
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    )
+    return cos_by_key(summaries, float(threshold.m), float(threshold.beta))
+
+
 def norm_output_cos(
     lm: LoadedModel,
     input_ids: torch.Tensor,
@@ -54,11 +78,7 @@ def norm_output_cos(
     progress: bool,
 ) -> Selection:
     """(layer, norm) -> CO channels of that norm's output over the windows."""
-    taps = [NORM_OUTPUT_TAP[n] for n in norms]
-    summaries = profile_channels(
-        lm, input_ids, taps, layers, absolute=bool(threshold.abs_mean), progress=progress, desc="CO detection"
-    )
-    cos = cos_by_key(summaries, float(threshold.m), float(threshold.beta))
+    cos = detect_cos(lm, input_ids, [NORM_OUTPUT_TAP[n] for n in norms], layers, threshold, progress)
     return {(layer, n): cos[(layer, NORM_OUTPUT_TAP[n])] for layer in layers for n in norms}
 
 
@@ -72,16 +92,7 @@ def detect_otc(
     field_name: str = "intervention.matrices",
 ) -> Selection:
     taps = [OTC_INPUT_TAP, *(OTC_OUTPUT_TAP[m] for m in matrices if m in OTC_OUTPUT_TAP)]
-    summaries = profile_channels(
-        lm,
-        input_ids,
-        taps,
-        layers,
-        absolute=bool(threshold.abs_mean),
-        progress=progress,
-        desc="OTC detection",
-    )
-    cos = cos_by_key(summaries, float(threshold.m), float(threshold.beta))
+    cos = detect_cos(lm, input_ids, taps, layers, threshold, progress, "OTC detection")
     return otc_rows(cos, layers, matrices, field_name)
 
 
