@@ -48,7 +48,7 @@ PAPER_ITEMS := table1 table2 table3 table45 table6 fig4 fig5 fig6 fig7 fig8 fig9
 DATA_ARGS = dataset=$(DATASET) $(if $(and $(filter wikitext2,$(DATASET)),$(wildcard $(WIKITEXT))),dataset.path=$(abspath $(WIKITEXT)))
 # One multirun per item (so LAUNCHER=slurm fans out, a rerun resumes and skips finished jobs), then collect.
 paper_item = HF_HUB_OFFLINE=1 $(VENV)/bin/outlier-study -m experiment=$(1) model=$(MODEL) $(DATA_ARGS) \
-	hydra/launcher=$(LAUNCHER) paths.output_root=$(OUT) paths.sweep=$(SWEEP) progress=false $(ARGS) \
+	$(2) hydra/launcher=$(LAUNCHER) paths.output_root=$(OUT) paths.sweep=$(SWEEP) progress=false $(ARGS) \
 	&& $(VENV)/bin/outlier-study-collect $(OUT)/$(1)/$(SWEEP)
 
 table1: install ## paper Table 1: true vs fake massive activations in the residual stream
@@ -74,6 +74,11 @@ fig8: install ## paper Fig. 8: one norm in four stages (input, without MAs, stan
 fig9: install ## paper Fig. 9: CO count per layer, original vs γ at the COs → mean / zero
 	$(call paper_item,fig9)
 
+# Beyond the paper: rows = method, columns = W16A16 / W8A8 / W4A8 / W4A4 (one job per cell).
+QUANT_GRID ?= quant=none,w8a8,w4a8,w4a4 method=none,massive_y6,gamma_smooth,smoothquant,rotation
+quant: install ## fake-quantized perplexity per outlier method × bit setting, with SmoothQuant and rotation
+	$(call paper_item,quant,$(QUANT_GRID))
+
 paper: install ## every table and figure above into PAPER_OUT (outputs/paper), plus one HTML report
 	$(MAKE) --no-print-directory $(PAPER_ITEMS) OUT=$(PAPER_OUT)
 	$(VENV)/bin/outlier-study-collect $(PAPER_OUT)
@@ -87,4 +92,4 @@ slurm-down: ## stop the local SLURM cluster (only the daemons slurm-up started, 
 clean: ## remove outputs (keeps .venv and the model cache)
 	rm -rf outputs multirun .pytest_cache
 
-.PHONY: help install run test bench lint clean slurm-up slurm-down paper $(PAPER_ITEMS)
+.PHONY: help install run test bench lint clean slurm-up slurm-down paper quant $(PAPER_ITEMS)
