@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -100,21 +102,27 @@ def qwen(model_cache: Path) -> LoadedModel:
     return load_named("tiny-qwen2", model_cache)
 
 
+@contextmanager
+def constant_output_row(linear: torch.nn.Linear, row: int, value: float = 6.0) -> Iterator[None]:
+    """Row `row` of the weight zeroed and its bias set to `value`: that output channel is a constant."""
+    saved = (linear.weight.detach().clone(), linear.bias.detach().clone())
+    try:
+        with torch.no_grad():
+            linear.weight[row] = 0.0
+            linear.bias[row] = value
+        yield
+    finally:
+        with torch.no_grad():
+            linear.weight.copy_(saved[0])
+            linear.bias.copy_(saved[1])
+
+
 def test_planted_otc_row_is_found(qwen: LoadedModel, token_ids: torch.Tensor) -> None:
     """Row 5 of layer 1's W_q set to zero with a large bias: channel 5 of x3 is a constant, hence a CO,
     while channel 5 of x2 is an ordinary channel. Exactly that row must come out as an OTC."""
-    q = qwen.adapter.layers(qwen.model)[1].self_attn.q_proj
-    saved = (q.weight.detach().clone(), q.bias.detach().clone())
-    try:
-        with torch.no_grad():
-            q.weight[5] = 0.0
-            q.bias[5] = 6.0
-        th = make_cfg("model=tiny-qwen2").threshold
+    th = make_cfg("model=tiny-qwen2").threshold
+    with constant_output_row(qwen.adapter.layers(qwen.model)[1].self_attn.q_proj, 5):
         otc = detect_otc(qwen, token_ids, ["q", "k", "v"], [0, 1], th, progress=False)
-    finally:
-        with torch.no_grad():
-            q.weight.copy_(saved[0])
-            q.bias.copy_(saved[1])
     assert otc[(1, "q")].tolist() == [5]
     assert all(otc[key].size == 0 for key in otc if key != (1, "q"))
 
@@ -125,17 +133,9 @@ def test_planted_constant_value_channel_is_a_co_of_the_attention_context(
     """Attention weights sum to one, so a constant channel of V (row 3 of layer 1's W_v zeroed, bias 6)
     stays constant in the context x7 of every head that reads it: that channel is the only CO there."""
     v = qwen.adapter.layers(qwen.model)[1].self_attn.v_proj
-    saved = (v.weight.detach().clone(), v.bias.detach().clone())
-    try:
-        with torch.no_grad():
-            v.weight[3] = 0.0
-            v.bias[3] = 6.0
-        th = make_cfg("model=tiny-qwen2").threshold
+    th = make_cfg("model=tiny-qwen2").threshold
+    with constant_output_row(v, 3):
         cos = detect_cos(qwen, token_ids, ["attn.ctx"], [0, 1, 2], th, progress=False)
-    finally:
-        with torch.no_grad():
-            v.weight.copy_(saved[0])
-            v.bias.copy_(saved[1])
     readers = qwen.model.config.num_attention_heads // qwen.model.config.num_key_value_heads  # of KV head 0
     head_dim = v.out_features // qwen.model.config.num_key_value_heads
     assert cos[(1, "attn.ctx")].tolist() == [h * head_dim + 3 for h in range(readers)]
