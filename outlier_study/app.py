@@ -9,16 +9,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from outlier_study.adapters import resolve_layers, resolve_taps
-from outlier_study.channel_detection import check_co_threshold, check_sd_levels
+from outlier_study.detect.rules import check_co_threshold, check_sd_levels
 from outlier_study.context import Context
 from outlier_study.data import build_windows
 from outlier_study.errors import require
 from outlier_study.experiments import EXPERIMENTS
 from outlier_study.models.reuse import MODELS
-from outlier_study.results import environment, write_json, write_status, write_text
-from outlier_study.resume import config_fingerprint, finished_before, read_status, remove_checkpoints
-from outlier_study.tracker import check_config as check_logger
-from outlier_study.tracker import track
+from outlier_study.output.files import environment, write_json, write_status, write_text
+from outlier_study.sweep.resume import config_fingerprint, finished_before, read_status, remove_checkpoints
+from outlier_study.sweep.tracker import check_config as check_logger
+from outlier_study.sweep.tracker import track
 
 
 def default_job_dir(cfg: DictConfig) -> Path:

@@ -14,13 +14,14 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from outlier_study.config import CONF_DIR as PACKAGE_CONF
 from outlier_study.config.schema import register_configs
 from outlier_study.errors import ConfigError
 
 register_configs()
 
-# conf/ lives at the repository root (the package is installed editable by `make install`).
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The config groups ship inside the package, so a wheel install finds them as an editable one does.
+CONF_DIR = str(PACKAGE_CONF)
 
 
 def one_line(err: BaseException) -> str:

@@ -60,6 +60,7 @@ def compose(args: argparse.Namespace) -> tuple[Any, str]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from outlier_study.config import CONF_DIR
     from outlier_study.config.schema import register_configs
 
     if WIKITEXT.is_file():
@@ -75,7 +76,7 @@ def compose(args: argparse.Namespace) -> tuple[Any, str]:
         "progress=false",
     ]
     register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides), note
 
 
@@ -137,7 +138,7 @@ def multirun_seconds(args: argparse.Namespace, out_dir: Path) -> float:
 def intervention_evaluations(lm: Any, ids: torch.Tensor, batch_size: int) -> float:
     """The same 6 evaluations done directly: the denominator's work, without Hydra, files or reloads."""
     from outlier_study.interventions.massive import replace_massive
-    from outlier_study.perplexity import evaluate_perplexity
+    from outlier_study.measure.perplexity import evaluate_perplexity
 
     t = time.perf_counter()
     for tap in ("mlp.hidden", "mlp.out", "attn.out"):
@@ -150,8 +151,8 @@ def intervention_evaluations(lm: Any, ids: torch.Tensor, batch_size: int) -> flo
 def runners(lm: Any, ids: torch.Tensor, layers: list[int], batch_size: int) -> dict[str, Callable[[], None]]:
     """plain: all windows through `forward`; full / ma: `profile_windows` on those taps, result included."""
     from outlier_study.adapters import resolve_taps
-    from outlier_study.perplexity import evaluate_perplexity, logits_forward
-    from outlier_study.profiling import forward, profile_channels, profile_windows
+    from outlier_study.measure.perplexity import evaluate_perplexity, logits_forward
+    from outlier_study.measure.profiler import forward, profile_channels, profile_windows
     from outlier_study.quant.fake import QuantSpec, fake_quant
 
     def quant_ppl() -> None:

@@ -7,11 +7,12 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from outlier_study.config import CONF_DIR as PACKAGE_CONF
 from outlier_study.config.schema import register_configs
 from outlier_study.models.loader import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+CONF_DIR = PACKAGE_CONF
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-gemma3")
 

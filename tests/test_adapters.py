@@ -8,7 +8,7 @@ import torch
 from outlier_study.adapters import adapter_for, resolve_layers, resolve_taps
 from outlier_study.adapters.base import ATTENTION_TAPS, CANONICAL_TAPS
 from outlier_study.errors import ConfigError
-from outlier_study.hooks import tap_hooks
+from outlier_study.measure.hooks import tap_hooks
 from outlier_study.models.loader import LoadedModel
 
 Captured = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]]

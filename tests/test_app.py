@@ -12,7 +12,7 @@ import torch
 from outlier_study.app import run
 from outlier_study.errors import ConfigError
 from outlier_study.models.tiny import byte_tokenizer
-from outlier_study.results import read_csv
+from outlier_study.output.files import read_csv
 from tests.helpers import TINY_MODELS, make_cfg
 
 SMALL = ("dataset.seq_len=48", "dataset.n_windows=3", "dataset.batch_size=2", "progress=false")
@@ -48,7 +48,7 @@ def test_profile_writes_the_results_layout(tmp_path: Path, model: str) -> None:
 
 def test_topk_positions_point_at_the_recorded_values(tmp_path: Path) -> None:
     """Re-run the model and read the activation at each recorded (window, token, channel)."""
-    from outlier_study.hooks import tap_hooks
+    from outlier_study.measure.hooks import tap_hooks
     from outlier_study.models.loader import load_model
 
     cfg = make_cfg(*SMALL, "model=tiny-qwen2", "taps=[resid.post,mlp.hidden,attn.probs]")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from outlier_study.app import run
-from outlier_study.channel_detection import (
+from outlier_study.detect.rules import (
     channel_statistic,
     cos_by_key,
     otc_rows,
@@ -23,7 +23,7 @@ from outlier_study.errors import ConfigError
 from outlier_study.interventions.channel_edits import detect_cos, detect_otc, gamma_intervention
 from outlier_study.interventions.parameters import edit_gamma, edit_weight_channels, gamma_param, weight_view
 from outlier_study.models.loader import LoadedModel
-from outlier_study.profiling import NO_MA, profile_channels, profile_windows
+from outlier_study.measure.profiler import NO_MA, profile_channels, profile_windows
 from outlier_study.stats.channels import ChannelReducer, channel_outliers
 from tests.helpers import load_named, make_cfg
 from tests.test_cli import cli

@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from outlier_study.app import run
-from outlier_study.collect import Pivot, collect, pivot_tables
-from outlier_study.collect_cli import EXIT_BAD_INPUT, EXIT_NOT_ALL_OK, EXIT_OK, main
+from outlier_study.sweep.collect import Pivot, collect, pivot_tables
+from outlier_study.sweep.cli import EXIT_BAD_INPUT, EXIT_NOT_ALL_OK, EXIT_OK, main
 from outlier_study.errors import ConfigError
-from outlier_study.table_formats import Table, latex_escape, to_html, to_latex
+from outlier_study.output.tables import Table, latex_escape, to_html, to_latex
 from tests.helpers import make_cfg
 
 MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")  # gpt2 has no mlp.up: `taps=[mlp.up]` fails there
@@ -145,7 +145,7 @@ def test_failed_job_is_listed_everywhere_and_exit_code_is_1(
 
 def test_console_script_exit_code_for_a_sweep_with_a_failure(sweep: Path, tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "outlier_study.collect_cli", str(sweep), "--out", str(tmp_path / "c")],
+        [sys.executable, "-m", "outlier_study.sweep.cli", str(sweep), "--out", str(tmp_path / "c")],
         capture_output=True,
         text=True,
         timeout=120,

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from outlier_study.errors import ConfigError
-from outlier_study.hooks import tap_hooks
+from outlier_study.measure.hooks import tap_hooks
 from outlier_study.interventions import (
     INTERVENTIONS,
     InterventionLog,

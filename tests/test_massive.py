@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from outlier_study.app import run
-from outlier_study.attribution import attribute
+from outlier_study.detect.attribution import attribute
 from outlier_study.models.loader import LoadedModel
-from outlier_study.results import read_csv
+from outlier_study.output.files import read_csv
 from outlier_study.stats.massive import ma_mask, ma_positions
 from tests.helpers import make_cfg
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from outlier_study import perplexity
+from outlier_study.measure import perplexity
 from outlier_study.models.loader import LoadedModel
-from outlier_study.perplexity import Perplexity, evaluate_perplexity, logits_forward
+from outlier_study.measure.perplexity import Perplexity, evaluate_perplexity, logits_forward
 from tests.helpers import make_cfg
 
 

@@ -18,7 +18,7 @@ from outlier_study.app import run
 from outlier_study.data.windows import disjoint_starts
 from outlier_study.errors import ConfigError
 from outlier_study.models.loader import LoadedModel, load_model
-from outlier_study.perplexity import evaluate_perplexity
+from outlier_study.measure.perplexity import evaluate_perplexity
 from outlier_study.quant.error import quant_error
 from outlier_study.quant.fake import ActivationQuantizer, QuantSpec, fake_quant, qmax, quantize
 from outlier_study.quant.layout import decoder_linears

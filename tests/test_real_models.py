@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from outlier_study.app import run
-from outlier_study.hooks import tap_hooks
+from outlier_study.measure.hooks import tap_hooks
 from outlier_study.models.loader import LoadedModel
-from outlier_study.profiling import profile_windows
-from outlier_study.report import is_massive
-from outlier_study.results import read_csv
+from outlier_study.measure.profiler import profile_windows
+from outlier_study.output.stat_tables import is_massive
+from outlier_study.output.files import read_csv
 from tests.helpers import make_cfg
 
 pytestmark = pytest.mark.real

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from outlier_study.results import write_json, write_text
+from outlier_study.output.files import write_json, write_text
 
 
 def test_result_files_follow_the_umask(tmp_path: Path) -> None:

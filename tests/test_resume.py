@@ -18,9 +18,9 @@ from torch.utils.hooks import RemovableHandle
 
 from outlier_study.app import run
 from outlier_study.models.loader import LoadedModel
-from outlier_study.perplexity import evaluate_perplexity
-from outlier_study.results import write_status
-from outlier_study.resume import WindowCheckpoint
+from outlier_study.measure.perplexity import evaluate_perplexity
+from outlier_study.output.files import write_status
+from outlier_study.sweep.resume import WindowCheckpoint
 from tests.helpers import load_named, make_cfg
 
 CLI = Path(sys.executable).parent / "outlier-study"

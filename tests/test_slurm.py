@@ -233,7 +233,7 @@ def test_unknown_launcher_is_one_line(tmp_path: Path) -> None:
 def test_request_check_on_a_gpu_cluster_layout() -> None:
     """The request check against a cluster shaped like a typical GPU site (the local node has no GPU)."""
     from outlier_study.errors import ConfigError
-    from outlier_study.slurm_request import Node, _gpus, check_request
+    from outlier_study.sweep.slurm import Node, _gpus, check_request
 
     assert [_gpus(g) for g in ("(null)", "gpu:8", "gpu:a100:4(S:0-1)", "gpu:a100:2,gpu:v100:2")] == [
         0,

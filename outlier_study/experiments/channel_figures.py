@@ -8,14 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from outlier_study.channel_detection import Selection, check_co_threshold, cos_by_key
+from outlier_study.detect.rules import Selection, check_co_threshold, cos_by_key
 from outlier_study.context import Context
 from outlier_study.experiments.perplexity_tables import evaluate
 from outlier_study.interventions.channel_edits import NORM_OUTPUT_TAP, norm_output_cos
 from outlier_study.interventions.parameters import edit_gamma
-from outlier_study.plotting import channel_means_figure, co_counts_figure
-from outlier_study.profiling import NO_MA, ChannelsByTap, profile_channels
-from outlier_study.results import write_figure, write_json, write_table
+from outlier_study.output.figures import channel_means_figure, co_counts_figure
+from outlier_study.measure.profiler import NO_MA, ChannelsByTap, profile_channels
+from outlier_study.output.files import write_figure, write_json, write_table
 
 # Input and output of each pre-norm, in forward order: x1 -> x2 and y1 -> y2 in the paper.
 NORM_TAPS: dict[str, tuple[str, str, str]] = {

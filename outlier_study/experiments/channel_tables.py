@@ -8,7 +8,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from outlier_study.channel_detection import Selection, check_sd_levels, random_like
+from outlier_study.detect.rules import Selection, check_sd_levels, random_like
 from outlier_study.context import Context
 from outlier_study.errors import ConfigError, require
 from outlier_study.experiments.perplexity_tables import evaluate, protocol
@@ -20,7 +20,7 @@ from outlier_study.interventions.channel_edits import (
     weight_sizes,
 )
 from outlier_study.interventions.parameters import check_axis, edit_gamma, edit_weight_channels
-from outlier_study.results import write_json, write_table
+from outlier_study.output.files import write_json, write_table
 
 Edit = Callable[[Selection], AbstractContextManager[Any]]
 TARGETS: dict[str, tuple[str, ...]] = {

@@ -6,12 +6,12 @@ from typing import Any
 
 import numpy as np
 
-from outlier_study import plotting
+from outlier_study.output import figures as plotting
 from outlier_study.context import Context
 from outlier_study.experiments.profile import token_text
 from outlier_study.interventions.residual import remove_residual_mas
-from outlier_study.profiling import Profile, capture_abs_slice, profile_windows
-from outlier_study.results import write_figure, write_table
+from outlier_study.measure.profiler import Profile, capture_abs_slice, profile_windows
+from outlier_study.output.files import write_figure, write_table
 
 CONDITIONS = ("original", "residual MAs removed")
 

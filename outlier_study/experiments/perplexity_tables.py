@@ -9,9 +9,9 @@ from typing import Any
 from outlier_study.context import Context
 from outlier_study.interventions import intervention
 from outlier_study.interventions.massive import InterventionLog, replace_massive
-from outlier_study.perplexity import Perplexity, evaluate_perplexity
-from outlier_study.results import write_json, write_table
-from outlier_study.resume import WindowCheckpoint, checkpoint_path, config_fingerprint
+from outlier_study.measure.perplexity import Perplexity, evaluate_perplexity
+from outlier_study.output.files import write_json, write_table
+from outlier_study.sweep.resume import WindowCheckpoint, checkpoint_path, config_fingerprint
 
 
 def evaluate(ctx: Context, desc: str, counters: dict[Any, int] | None = None) -> Perplexity:

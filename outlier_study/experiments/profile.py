@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from outlier_study import plotting, report
+from outlier_study.output import figures as plotting, stat_tables as report
 from outlier_study.context import Context
-from outlier_study.profiling import Profile, capture_abs_slice, profile_windows
-from outlier_study.results import markdown_table, write_csv, write_figure, write_npz, write_text
+from outlier_study.measure.profiler import Profile, capture_abs_slice, profile_windows
+from outlier_study.output.files import markdown_table, write_csv, write_figure, write_npz, write_text
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:

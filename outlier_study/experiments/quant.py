@@ -17,13 +17,13 @@ from outlier_study.data.windows import build_calibration_windows
 from outlier_study.errors import require
 from outlier_study.experiments.perplexity_tables import protocol
 from outlier_study.interventions.channel_edits import detect_cos
-from outlier_study.perplexity import evaluate_perplexity
-from outlier_study.profiling import Profile, forward_windows, profile_windows
+from outlier_study.measure.perplexity import evaluate_perplexity
+from outlier_study.measure.profiler import Profile, forward_windows, profile_windows
 from outlier_study.quant.error import quant_error
 from outlier_study.quant.fake import fake_quant, spec_from_config
 from outlier_study.quant.methods import MethodInputs, get_method
 from outlier_study.quant.plots import quant_error_figure
-from outlier_study.results import write_figure, write_json, write_table
+from outlier_study.output.files import write_figure, write_json, write_table
 
 LINEAR_INPUT_TAPS: tuple[str, ...] = ("attn.norm", "attn.ctx", "mlp.norm", "mlp.hidden")
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from outlier_study.attribution import MAEvent, attribute, first_appearance, tma_by_layer
+from outlier_study.detect.attribution import MAEvent, attribute, first_appearance, tma_by_layer
 from outlier_study.context import Context
-from outlier_study.profiling import forward_windows
-from outlier_study.results import write_csv, write_table
+from outlier_study.measure.profiler import forward_windows
+from outlier_study.output.files import write_csv, write_table
 
 HEADER = ["layer", "top-1 TMA", "top-1 (token, channel)", "top-2 TMA", "top-2 (token, channel)", "windows"]
 

@@ -10,8 +10,8 @@ from outlier_study.adapters.base import PAPER_ALIASES_GATED
 from outlier_study.context import Context
 from outlier_study.errors import require
 from outlier_study.interventions.massive import replace_massive
-from outlier_study.profiling import Profile, profile_windows
-from outlier_study.results import write_table
+from outlier_study.measure.profiler import Profile, profile_windows
+from outlier_study.output.files import write_table
 
 VALUES = ("zero", "mean")
 

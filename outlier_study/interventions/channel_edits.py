@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from outlier_study.channel_detection import (
+from outlier_study.detect.rules import (
     OTC_INPUT_TAP,
     OTC_OUTPUT_TAP,
     Selection,
@@ -30,7 +30,7 @@ from outlier_study.interventions.parameters import (
     gamma_param,
     weight_view,
 )
-from outlier_study.profiling import profile_channels
+from outlier_study.measure.profiler import profile_channels
 
 if TYPE_CHECKING:
     from outlier_study.models.loader import LoadedModel

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from outlier_study.errors import require
-from outlier_study.quant.edits import reversible
+from outlier_study.interventions.edits import reversible
 from outlier_study.quant.layout import decoder_linears, head_dim, layout_for, to_storage, weight_out_in
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
-from outlier_study.plotting import LAYER_NOTE  # noqa: E402
+from outlier_study.output.figures import LAYER_NOTE  # noqa: E402
 
 
 def quant_error_figure(

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from outlier_study.errors import require
-from outlier_study.quant.edits import Edits, reversible
+from outlier_study.interventions.edits import Edits, reversible
 from outlier_study.quant.layout import layout_for, weight_out_in
 from outlier_study.quant.orthogonal import KroneckerRotation, randomized_rotation
 

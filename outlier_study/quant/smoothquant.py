@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from outlier_study.errors import require
-from outlier_study.profiling import forward_windows
-from outlier_study.quant.edits import reversible
+from outlier_study.measure.profiler import forward_windows
+from outlier_study.interventions.edits import reversible
 from outlier_study.quant.layout import layout_for, to_storage, weight_out_in
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 wandb 0.31 keeps config, summary and history only in that file, and ships no reader for it: it is a
 LevelDB-style log of `wandb_internal_pb2.Record` messages cut into 32 KiB blocks. Tests use this to
-check what was logged; users can inspect a run with `python -m outlier_study.wandb_records PATH`.
+check what was logged; users can inspect a run with `python -m outlier_study.sweep.wandb_records PATH`.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def find_runs(root: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Print each run below PATH as JSON: identity, config, summary, history length and files."""
-    parser = argparse.ArgumentParser(prog="python -m outlier_study.wandb_records", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m outlier_study.sweep.wandb_records", description=main.__doc__)
     parser.add_argument("path", type=Path, help="a run-*.wandb file, or a folder searched for them")
     parser.add_argument("--history", action="store_true", help="print every history row too")
     args = parser.parse_args(argv)

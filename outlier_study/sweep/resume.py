@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from outlier_study.results import write_json
+from outlier_study.output.files import write_json
 
 # Keys that never change a job's results: they do not count when deciding whether a job is already done.
 NEUTRAL_KEYS: tuple[str, ...] = ("progress", "reuse_models", "logger", "paths")

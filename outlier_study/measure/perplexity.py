@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from outlier_study.models.loader import LoadedModel
-from outlier_study.profiling import batches
-from outlier_study.resume import WindowCheckpoint
+from outlier_study.measure.profiler import batches
+from outlier_study.sweep.resume import WindowCheckpoint
 
 # Logit elements per cross-entropy call. Chunking bounds the float32 log-softmax buffer (and the upcast of
 # half logits) whatever the vocabulary (262k for Gemma3), instead of a second (B, L, V) tensor. On CPU a

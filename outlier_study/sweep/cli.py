@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from outlier_study.collect import PIVOTS, collect
-from outlier_study.html_report import render
-from outlier_study.results import write_text
-from outlier_study.table_formats import to_markdown, write_formats
+from outlier_study.sweep.collect import PIVOTS, collect
+from outlier_study.sweep.report import render
+from outlier_study.output.files import write_text
+from outlier_study.output.tables import to_markdown, write_formats
 
 EXIT_OK, EXIT_NOT_ALL_OK, EXIT_BAD_INPUT = 0, 1, 2
 

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from outlier_study.adapters.base import ATTENTION_TAPS
-from outlier_study.hooks import tap_hooks
+from outlier_study.measure.hooks import tap_hooks
 from outlier_study.models.loader import LoadedModel
 from outlier_study.stats.channels import ChannelReducer, ChannelSummary
 from outlier_study.stats.massive import ma_mask

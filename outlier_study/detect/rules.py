@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from outlier_study.errors import ConfigError, require
-from outlier_study.profiling import ChannelsByTap
+from outlier_study.measure.profiler import ChannelsByTap
 from outlier_study.stats.channels import channel_outliers
 
 # The activation each weight writes (its output channels), for OTC: row j of W_q makes channel j of x3.

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from outlier_study.results import markdown_table, write_csv, write_text
+from outlier_study.output.files import markdown_table, write_csv, write_text
 
 
 @dataclass(frozen=True)

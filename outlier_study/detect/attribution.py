@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from outlier_study.adapters.base import Adapter
-from outlier_study.hooks import tap_hooks
+from outlier_study.measure.hooks import tap_hooks
 from outlier_study.models.loader import LoadedModel
 from outlier_study.stats.massive import ma_positions
 

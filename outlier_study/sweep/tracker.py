@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from outlier_study.errors import require
-from outlier_study.results import read_csv, write_json
+from outlier_study.output.files import read_csv, write_json
 
 TRACKERS = ("none", "wandb")
 DEFAULT_PROJECT = "outlier-study"  # offline runs only: online mode requires logger.project

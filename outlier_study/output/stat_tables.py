@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from outlier_study.adapters.base import ATTENTION_TAPS, CANONICAL_TAPS
-from outlier_study.profiling import StatsByTap
+from outlier_study.measure.profiler import StatsByTap
 from outlier_study.stats.massive import is_massive_value
 from outlier_study.stats.reducers import TapStats, TopEntry
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from outlier_study.adapters.attention_capture import capture_attention
+from outlier_study.measure.attention import capture_attention
 from outlier_study.adapters.base import ATTENTION_TAPS, Adapter
 
 # (layer index, canonical tap, tensor (B, T, C) or (B, H, Tq, Tk) for attention taps, valid mask or None)
