@@ -1,4 +1,9 @@
-"""`run(cfg)`: one job from a composed config to a complete results directory (DESIGN §5)."""
+"""`run(cfg)`: one job from a composed config to a complete results directory.
+
+The order is the point: every option is checked (schemas, then names and indices against the model's
+config) and the corpus is read before the model's weights are loaded, so bad input fails in seconds;
+status.json says ok only once every result file is written.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,17 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from outlier_study.adapters import resolve_layers, resolve_taps
-from outlier_study.detect.rules import check_co_threshold, check_sd_levels
+from outlier_study.config.validate import check_for_model, typed_config
 from outlier_study.context import Context
-from outlier_study.data import build_windows
-from outlier_study.errors import require
+from outlier_study.data import build_windows, load_corpus
+from outlier_study.errors import ConfigError
 from outlier_study.experiments import EXPERIMENTS
+from outlier_study.measure.checkpoints import remove_checkpoints
+from outlier_study.models.loader import describe_model
 from outlier_study.models.reuse import MODELS
-from outlier_study.output.files import environment, write_json, write_status, write_text
-from outlier_study.sweep.resume import config_fingerprint, finished_before, read_status, remove_checkpoints
-from outlier_study.sweep.tracker import check_config as check_logger
+from outlier_study.output.files import write_json, write_text
+from outlier_study.output.job import environment, read_status, write_status
+from outlier_study.sweep.resume import config_fingerprint, finished_before
 from outlier_study.sweep.tracker import track
 
 
@@ -31,16 +37,15 @@ def default_job_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_root) / cfg.experiment.name / cfg.model.name / stamp
 
 
-def validate(cfg: DictConfig) -> None:
-    """Checks that need no model; model-dependent ones (taps, layers, seq_len) follow the load."""
-    require(cfg.experiment.name in EXPERIMENTS, "experiment.name", f"'{cfg.experiment.name}'", EXPERIMENTS)
-    th = cfg.threshold
-    require(th.ma_abs > 0, "threshold.ma_abs", f"must be > 0, got {th.ma_abs}")
-    require(th.ma_ratio > 0, "threshold.ma_ratio", f"must be > 0, got {th.ma_ratio}")
-    require(th.top_k >= 1, "threshold.top_k", f"must be >= 1, got {th.top_k}")
-    check_co_threshold(th.m, th.beta)
-    check_sd_levels(th.sd)
-    check_logger(cfg)
+def _start(job_dir: Path, stamp: dict[str, str]) -> None:
+    """The first write of a job: an unusable output folder is bad input, said in one line."""
+    try:
+        write_status(job_dir, "running", fields=stamp)
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        raise ConfigError(
+            "paths.output_root", f"cannot write the job folder {str(job_dir)!r}: {why}"
+        ) from None
 
 
 def run(cfg: DictConfig, job_dir: Path | None = None) -> Path:
@@ -53,20 +58,21 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> Path:
     if read_status(job_dir).get("status") == "ok":
         print(f"rerunning, the config changed since it finished: {job_dir}")
     stamp = {"config": fingerprint}  # lets a rerun tell "done" from "done with another config"
-    write_status(job_dir, "running", fields=stamp)
+    _start(job_dir, stamp)
     try:
         if not (job_dir / ".hydra" / "config.yaml").exists():
             write_text(job_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
-        validate(cfg)
+        cfg = typed_config(cfg)
+        arch = describe_model(cfg.model, cfg.paths.model_cache)  # the config only: no weights yet
+        plan = check_for_model(cfg, arch)
+        text = load_corpus(cfg.dataset)
         torch.manual_seed(cfg.seed)
         lm = MODELS.get(cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache, keep=cfg.reuse_models)
-        taps = resolve_taps(lm.adapter, None if cfg.taps is None else list(cfg.taps))
-        layers = resolve_layers(lm.n_layers, None if cfg.layers is None else list(cfg.layers))
-        windows = build_windows(cfg.dataset, lm.tokenizer, lm.max_context)
+        windows = build_windows(cfg.dataset, lm.tokenizer, text)
         write_json(job_dir / "env.json", environment({"model": lm.info, "model_reused": MODELS.last_reused}))
         write_json(job_dir / "windows.json", {**windows.protocol, "starts": windows.starts})
-        ctx = Context(cfg=cfg, lm=lm, windows=windows, taps=taps, layers=layers, job_dir=job_dir)
-        metrics = EXPERIMENTS[cfg.experiment.name](ctx)
+        ctx = Context(cfg=cfg, lm=lm, windows=windows, taps=plan.taps, layers=plan.layers, job_dir=job_dir)
+        metrics = EXPERIMENTS.get(cfg.experiment.name).run(ctx)
         write_json(job_dir / "metrics.json", metrics)
         track(cfg, job_dir)  # W&B mirrors the files just written; its failures never fail the job
     except BaseException as err:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from outlier_study.adapters import resolve_layers
 from outlier_study.data import Windows
 from outlier_study.models.loader import LoadedModel
 
@@ -23,7 +22,11 @@ class Context:
 
     def experiment_layer(self) -> int:
         """`experiment.layer` as an index from 0 (negative counts from the end), checked against the model."""
-        return resolve_layers(self.lm.n_layers, [int(self.cfg.experiment.layer)], "experiment.layer")[0]
+        return self.lm.arch.layer(int(self.cfg.experiment.layer), "experiment.layer")
+
+    @property
+    def threshold(self) -> DictConfig:
+        return self.cfg.threshold
 
     @property
     def tables_dir(self) -> Path:

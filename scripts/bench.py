@@ -55,7 +55,7 @@ GOALS = {
 HIGHER_IS_BETTER = {"ppl_tps"}
 
 
-def compose(args: argparse.Namespace) -> tuple[Any, str]:
+def compose(args: argparse.Namespace, *extra: str) -> tuple[Any, str]:
     """The real Hydra config for the model and windows; WikiText-2 when present, else the embedded corpus."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -74,6 +74,7 @@ def compose(args: argparse.Namespace) -> tuple[Any, str]:
         f"dataset.n_windows={args.windows}",
         f"dataset.batch_size={args.batch_size}",
         "progress=false",
+        *extra,
     ]
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -85,7 +86,7 @@ def setup(args: argparse.Namespace) -> tuple[Any, torch.Tensor, list[int], str]:
 
     cfg, note = compose(args)
     lm = load(cfg)
-    windows = build_windows(cfg.dataset, lm.tokenizer, lm.max_context)
+    windows = build_windows(cfg.dataset, lm.tokenizer)
     return lm, windows.input_ids, list(range(lm.n_layers)), note
 
 
@@ -99,8 +100,7 @@ def table2_seconds(args: argparse.Namespace, out_dir: Path) -> float:
     """Wall time of the whole Table 2 job as a user runs it (model load, windows, 5 evaluations, files)."""
     from outlier_study.app import run
 
-    cfg, _ = compose(args)
-    cfg.experiment.name = "table2"
+    cfg, _ = compose(args, "experiment=table2")
     shutil.rmtree(out_dir / "table2_job", ignore_errors=True)  # a finished job would be skipped (resume)
     t = time.perf_counter()
     run(cfg, job_dir=out_dir / "table2_job")
@@ -150,9 +150,9 @@ def intervention_evaluations(lm: Any, ids: torch.Tensor, batch_size: int) -> flo
 
 def runners(lm: Any, ids: torch.Tensor, layers: list[int], batch_size: int) -> dict[str, Callable[[], None]]:
     """plain: all windows through `forward`; full / ma: `profile_windows` on those taps, result included."""
-    from outlier_study.adapters import resolve_taps
-    from outlier_study.measure.perplexity import evaluate_perplexity, logits_forward
-    from outlier_study.measure.profiler import forward, profile_channels, profile_windows
+    from outlier_study.measure.forward import forward, logits_forward
+    from outlier_study.measure.perplexity import evaluate_perplexity
+    from outlier_study.measure.profiler import profile_channels, profile_windows
     from outlier_study.quant.fake import QuantSpec, fake_quant
 
     def quant_ppl() -> None:
@@ -172,12 +172,10 @@ def runners(lm: Any, ids: torch.Tensor, layers: list[int], batch_size: int) -> d
 
     return {
         "plain": plain,
-        "full": profile(resolve_taps(lm.adapter, None)),
-        "ma": profile(resolve_taps(lm.adapter, MA_TAPS)),
+        "full": profile(lm.arch.taps(None)),
+        "ma": profile(lm.arch.taps(MA_TAPS)),
         "co": lambda: (
-            profile_channels(
-                lm, ids, resolve_taps(lm.adapter, CO_TAPS), layers, batch_size=batch_size, progress=False
-            )
+            profile_channels(lm, ids, lm.arch.taps(CO_TAPS), layers, batch_size=batch_size, progress=False)
             and None
         ),
         "logits": logits,

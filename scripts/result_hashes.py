@@ -23,7 +23,7 @@ from pathlib import Path
 
 TINY = "tiny-llama,tiny-qwen2,tiny-mistral,tiny-gpt2,tiny-gemma3"
 EXPERIMENTS = "profile,table1,table2,table45,fig4,fig5,fig6,perplexity,quant,co,fig7,fig8,fig9,table3,table6"
-SMALL = ["dataset.n_windows=2", "dataset.seq_len=64", "method.calib_windows=4", "progress=false"]
+SMALL = ["dataset.n_windows=2", "dataset.seq_len=64", "progress=false"]
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 TIMING_KEYS = ("profile_seconds", "tokens_per_second")
 
@@ -48,7 +48,18 @@ def commands(out: Path) -> list[list[str]]:
             "model=tiny-llama",
             "experiment=quant",
             "quant=w8a8,w4a4",
-            "method=none,massive_y6,gamma_smooth,smoothquant,rotation",
+            "method=none,massive_y6,rotation",
+            *SMALL,
+            *root,
+            "paths.sweep=methods",
+        ],
+        [
+            "-m",
+            "model=tiny-llama",
+            "experiment=quant",
+            "quant=w8a8,w4a4",
+            "method=gamma_smooth,smoothquant",
+            "++method.calib_windows=4",
             *SMALL,
             *root,
             "paths.sweep=methods",
@@ -57,8 +68,22 @@ def commands(out: Path) -> list[list[str]]:
     if WIKITEXT.is_file():
         data = ["dataset=wikitext2", f"dataset.path={WIKITEXT}", "progress=false", *root]
         cmds += [
-            ["-m", "model=smollm2-135m", "experiment=profile", "dataset.n_windows=4", *data, "paths.sweep=real"],
-            ["-m", "model=smollm2-135m", "experiment=table2", "dataset.n_windows=10", *data, "paths.sweep=real"],
+            [
+                "-m",
+                "model=smollm2-135m",
+                "experiment=profile",
+                "dataset.n_windows=4",
+                *data,
+                "paths.sweep=real",
+            ],
+            [
+                "-m",
+                "model=smollm2-135m",
+                "experiment=table2",
+                "dataset.n_windows=10",
+                *data,
+                "paths.sweep=real",
+            ],
         ]
     else:
         print(f"skipped the SmolLM2 commands: {WIKITEXT} is absent", file=sys.stderr)
@@ -91,7 +116,9 @@ def main() -> int:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         for cmd in commands(out):
             print("+ outlier-study " + " ".join(cmd), file=sys.stderr)
-            subprocess.run([sys.executable, "-m", "outlier_study.cli", *cmd], check=True, env=env)
+            subprocess.run(
+                [sys.executable, "-m", "outlier_study.cli", *cmd], check=True, env=env, stdout=sys.stderr
+            )
     for path in result_files(out):
         print(f"{digest(path)}  {path.relative_to(out)}")
     return 0

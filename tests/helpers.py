@@ -7,12 +7,12 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from outlier_study.config import CONF_DIR as PACKAGE_CONF
+from outlier_study.config import CONF_DIR
 from outlier_study.config.schema import register_configs
+from outlier_study.config.validate import typed_config
 from outlier_study.models.loader import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = PACKAGE_CONF
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-gemma3")
 
@@ -25,6 +25,29 @@ def make_cfg(*overrides: str) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
+def typed_cfg(*overrides: str) -> DictConfig:
+    """The composed config after its schema check, as `run(cfg)` hands it to the code (enums typed)."""
+    return typed_config(make_cfg(*overrides))
+
+
 def load_named(name: str, cache: Path, dtype: str = "float32") -> LoadedModel:
     cfg = make_cfg(f"model={name}")
     return load_model(cfg.model, dtype, "cpu", cache)
+
+
+def config_error(*overrides: str) -> str:
+    """The one line the CLI prints for overrides refused while composing or type-checking the config
+    (fails the test when the config is accepted)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from outlier_study.cli import one_line
+    from outlier_study.errors import ConfigError
+
+    try:
+        typed_cfg(*overrides)
+    except ConfigError as err:
+        return str(err)
+    except (HydraException, OmegaConfBaseException) as err:
+        return one_line(err)
+    raise AssertionError(f"accepted: {overrides}")

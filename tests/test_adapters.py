@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from outlier_study.adapters import adapter_for, resolve_layers, resolve_taps
-from outlier_study.adapters.base import ATTENTION_TAPS, CANONICAL_TAPS
+from outlier_study.adapters import adapter_for
+from outlier_study.adapters.taps import ATTENTION_TAPS, CANONICAL_TAPS
 from outlier_study.errors import ConfigError
 from outlier_study.measure.hooks import tap_hooks
 from outlier_study.models.loader import LoadedModel
@@ -62,7 +62,7 @@ def test_operator_identities(tiny: LoadedModel, token_ids: torch.Tensor) -> None
     gemma = a.family == "gemma3"
     for layer in range(tiny.n_layers):
         t = {tap: got[(layer, tap)][0] for tap in a.available()}
-        block = a.layers(tiny.model)[layer]
+        block = a.blocks(tiny.model)[layer]
         if "mlp.up" in a.taps:
             assert torch.equal(t["mlp.hidden"], t["mlp.act"] * t["mlp.up"])
             down = block.mlp.down_proj
@@ -75,7 +75,7 @@ def test_operator_identities(tiny: LoadedModel, token_ids: torch.Tensor) -> None
         assert torch.equal(t["resid.mid"], t["resid.pre"] + attn_add)
         assert torch.equal(t["resid.post"], t["resid.mid"] + mlp_add)
         for side in ("attn", "mlp"):
-            norm = block.get_submodule(a.norms[side])
+            norm = block.get_submodule(a.norms[side].module)
             gamma = norm.weight.float() + a.gamma_offset
             rebuilt = t[f"{side}.norm_std"].float() * gamma
             if getattr(norm, "bias", None) is not None:
@@ -89,7 +89,7 @@ def test_operator_identities(tiny: LoadedModel, token_ids: torch.Tensor) -> None
 
 def test_qkv_taps_are_the_projections(tiny: LoadedModel, token_ids: torch.Tensor) -> None:
     got, _ = capture_all(tiny, token_ids)
-    block = tiny.adapter.layers(tiny.model)[1]
+    block = tiny.adapter.blocks(tiny.model)[1]
     x2 = got[(1, "attn.norm")][0]
     if tiny.adapter.family == "gpt2":
         q, k, v = block.attn.c_attn(x2).chunk(3, dim=-1)
@@ -137,24 +137,24 @@ def test_paper_aliases_resolve_per_family(tiny: LoadedModel, alias: str, gated: 
 
 
 def test_default_taps_skip_attention_maps_and_keep_forward_order(tiny: LoadedModel) -> None:
-    taps = resolve_taps(tiny.adapter, None)
+    taps = tiny.arch.taps(None)
     assert not set(taps) & ATTENTION_TAPS
     assert taps == sorted(taps, key=CANONICAL_TAPS.index)
-    assert resolve_taps(tiny.adapter, ["y7", "x1"]) == ["resid.pre", "mlp.out"]
+    assert tiny.arch.taps(["y7", "x1"]) == ["resid.pre", "mlp.out"]
 
 
 def test_bad_taps_and_layers_are_config_errors(tiny: LoadedModel) -> None:
     with pytest.raises(ConfigError, match=r"taps: unknown tap 'mlp.nope'.*allowed: .*resid.pre"):
-        resolve_taps(tiny.adapter, ["mlp.nope"])
+        tiny.arch.taps(["mlp.nope"])
     if tiny.adapter.family == "gpt2":
         with pytest.raises(ConfigError, match=r"taps: tap 'mlp.up' does not exist in gpt2 models"):
-            resolve_taps(tiny.adapter, ["mlp.up"])
+            tiny.arch.taps(["mlp.up"])
     elif tiny.adapter.family == "llama":
         with pytest.raises(ConfigError, match="tap 'mlp.post_norm' does not exist in llama models"):
-            resolve_taps(tiny.adapter, ["mlp.post_norm"])
+            tiny.arch.taps(["mlp.post_norm"])
     with pytest.raises(ConfigError, match=r"layers: layer 3 out of range \(allowed: 0..2\)"):
-        resolve_layers(tiny.n_layers, [0, 3])
-    assert resolve_layers(tiny.n_layers, [-1, 0]) == [0, 2]
+        tiny.arch.layers([0, 3])
+    assert tiny.arch.layers([-1, 0]) == [0, 2]
 
 
 def test_unsupported_model_type_is_a_config_error() -> None:
@@ -169,4 +169,4 @@ def test_unsupported_model_type_is_a_config_error() -> None:
         )
     )
     with pytest.raises(ConfigError, match=r"model: unsupported model_type 'gpt_neox'.*allowed: .*llama"):
-        adapter_for(model)
+        adapter_for(model.config.model_type)

@@ -57,7 +57,7 @@ def test_topk_positions_point_at_the_recorded_values(tmp_path: Path) -> None:
     assert len(json.loads((job / "windows.json").read_text())["starts"]) == 3
     from outlier_study.data import build_windows
 
-    windows = build_windows(cfg.dataset, lm.tokenizer, lm.max_context)
+    windows = build_windows(cfg.dataset, lm.tokenizer)
     seen: dict[tuple[int, str], torch.Tensor] = {}
     with (
         torch.no_grad(),
@@ -91,9 +91,9 @@ BAD_INPUT = [
     (("model=tiny-llama", "taps=[mlp.nope]"), "taps: unknown tap 'mlp.nope'"),
     (("model=tiny-gpt2", "taps=[mlp.up]"), "taps: tap 'mlp.up' does not exist in gpt2"),
     (("model=tiny-llama", "dataset=local_text"), "dataset.path"),
-    (("model=tiny-llama", "dataset.seq_len=0"), "dataset.seq_len: must be positive"),
+    (("model=tiny-llama", "dataset.seq_len=0"), "dataset.seq_len: must be > 0"),
     (("model=tiny-llama", "dataset.seq_len=5000"), "dataset.seq_len"),
-    (("model=tiny-llama", "dataset.n_windows=0"), "dataset.n_windows: must be positive"),
+    (("model=tiny-llama", "dataset.n_windows=0"), "dataset.n_windows: must be > 0"),
     (("model=tiny-llama", "layers=[7]"), "layers: layer 7 out of range"),
     (("model=tiny-llama", "threshold.ma_abs=0"), "threshold.ma_abs: must be > 0"),
     (("model=tiny-llama", "threshold.ma_ratio=-1"), "threshold.ma_ratio: must be > 0"),

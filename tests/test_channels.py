@@ -13,19 +13,21 @@ import torch
 
 from outlier_study.app import run
 from outlier_study.detect.rules import (
+    channel_outliers,
     channel_statistic,
     cos_by_key,
     otc_rows,
     random_like,
     sd_channels,
 )
+from outlier_study.detect.select import detect_cos, detect_otc
 from outlier_study.errors import ConfigError
-from outlier_study.interventions.channel_edits import detect_cos, detect_otc, gamma_intervention
-from outlier_study.interventions.parameters import edit_gamma, edit_weight_channels, gamma_param, weight_view
-from outlier_study.models.loader import LoadedModel
+from outlier_study.interventions import Inputs, intervene
+from outlier_study.interventions.parameters import edit_gamma, edit_weight_channels
 from outlier_study.measure.profiler import NO_MA, profile_channels, profile_windows
-from outlier_study.stats.channels import ChannelReducer, channel_outliers
-from tests.helpers import load_named, make_cfg
+from outlier_study.models.loader import LoadedModel
+from outlier_study.stats.channels import ChannelReducer
+from tests.helpers import config_error, load_named, make_cfg, typed_cfg
 from tests.test_cli import cli
 
 
@@ -80,7 +82,7 @@ def test_masked_update_leaves_out_exactly_the_masked_entries() -> None:
     x = torch.randn(3, 50, 8, generator=torch.Generator().manual_seed(4))
     keep = torch.rand(3, 50, 8, generator=torch.Generator().manual_seed(5)) > 0.3
     reducer = ChannelReducer()
-    reducer.update(x, keep)
+    reducer.update(x, valid=keep)
     s = reducer.result()
     for c in range(8):
         vals = x[..., c][keep[..., c]].double()
@@ -89,12 +91,16 @@ def test_masked_update_leaves_out_exactly_the_masked_entries() -> None:
         assert s.std[c] == pytest.approx(float(vals.std(correction=0)), rel=1e-5)
 
 
-def test_bad_thresholds_are_refused() -> None:
-    s = _summary(torch.randn(1, 4, 4))
-    with pytest.raises(ValueError):
-        channel_outliers(s, 0.0, 0.3)
-    with pytest.raises(ValueError):
-        channel_outliers(s, 4.0, -1.0)
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("threshold.m=0", "threshold.m"),
+        ("threshold.beta=-1", "threshold.beta"),
+        ("threshold.sd=[]", "threshold.sd"),
+    ],
+)
+def test_bad_thresholds_are_refused_by_the_schema(override: str, field: str) -> None:
+    assert config_error(override).startswith(f"{field}: ")
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +127,8 @@ def test_planted_otc_row_is_found(qwen: LoadedModel, token_ids: torch.Tensor) ->
     """Row 5 of layer 1's W_q set to zero with a large bias: channel 5 of x3 is a constant, hence a CO,
     while channel 5 of x2 is an ordinary channel. Exactly that row must come out as an OTC."""
     th = make_cfg("model=tiny-qwen2").threshold
-    with constant_output_row(qwen.adapter.layers(qwen.model)[1].self_attn.q_proj, 5):
-        otc = detect_otc(qwen, token_ids, ["q", "k", "v"], [0, 1], th, progress=False)
+    with constant_output_row(qwen.adapter.blocks(qwen.model)[1].self_attn.q_proj, 5):
+        otc = detect_otc(qwen, token_ids, ["q", "k", "v"], [0, 1], th, progress=False, field_name="taps")
     assert otc[(1, "q")].tolist() == [5]
     assert all(otc[key].size == 0 for key in otc if key != (1, "q"))
 
@@ -132,7 +138,7 @@ def test_planted_constant_value_channel_is_a_co_of_the_attention_context(
 ) -> None:
     """Attention weights sum to one, so a constant channel of V (row 3 of layer 1's W_v zeroed, bias 6)
     stays constant in the context x7 of every head that reads it: that channel is the only CO there."""
-    v = qwen.adapter.layers(qwen.model)[1].self_attn.v_proj
+    v = qwen.adapter.blocks(qwen.model)[1].self_attn.v_proj
     th = make_cfg("model=tiny-qwen2").threshold
     with constant_output_row(v, 3):
         cos = detect_cos(qwen, token_ids, ["attn.ctx"], [0, 1, 2], th, progress=False)
@@ -149,11 +155,11 @@ def test_otc_excludes_channels_that_are_already_outliers_in_x2() -> None:
         (0, "attn.k"): np.array([], dtype=np.int64),
         (0, "attn.v"): np.array([4]),
     }
-    out = otc_rows(cos, [0], ["q", "k", "v"])
+    out = otc_rows(cos, [0], ["q", "k", "v"], "experiment.matrices")
     assert out[(0, "q")].tolist() == [4, 900]  # 900 has no input channel: counts as "not a CO in x2"
     assert out[(0, "k")].size == 0 and out[(0, "v")].tolist() == [4]
     with pytest.raises(ConfigError, match="experiment.matrices"):
-        otc_rows(cos, [0], ["down"])
+        otc_rows(cos, [0], ["down"], "experiment.matrices")
 
 
 def _params(lm: LoadedModel) -> dict[str, torch.Tensor]:
@@ -176,8 +182,8 @@ def _changed(lm: LoadedModel, before: dict[str, torch.Tensor]) -> dict[str, torc
 @pytest.mark.parametrize("value", ["mean", "zero"])
 def test_gamma_edit_touches_exactly_the_selected_entries(tiny: LoadedModel, value: str) -> None:
     before = _params(tiny)
-    block = tiny.adapter.layers(tiny.model)[1]
-    w = gamma_param(tiny.adapter, block, "mlp")
+    block = tiny.adapter.blocks(tiny.model)[1]
+    w = tiny.adapter.gamma(block, "mlp")
     gamma = w.detach().float() + tiny.adapter.gamma_offset
     with edit_gamma(tiny, {(1, "mlp"): [3, 0, 3]}, value) as log:
         changed = _changed(tiny, before)
@@ -192,21 +198,21 @@ def test_gamma_edit_touches_exactly_the_selected_entries(tiny: LoadedModel, valu
 
 def test_weight_channels_edit_touches_exactly_the_selected_rows_and_columns(tiny: LoadedModel) -> None:
     before = _params(tiny)
-    blocks = tiny.adapter.layers(tiny.model)
+    blocks = tiny.adapter.blocks(tiny.model)
     name = "k"  # GPT-2: the middle third of the fused c_attn
-    view = weight_view(tiny.adapter, blocks[0], name)
+    view = tiny.adapter.weight_view(blocks[0], name)
     rows = view.detach().clone()
     with edit_weight_channels(tiny, {(0, name): [1, 4]}, "out", "channel_mean"):
-        after = weight_view(tiny.adapter, blocks[0], name)
+        after = tiny.adapter.weight_view(blocks[0], name)
         diff = (after != rows).any(dim=1).nonzero().flatten().tolist()
         assert set(diff) <= {1, 4}
         for r in (1, 4):
             assert torch.allclose(after[r], rows[r].float().mean().expand_as(after[r]).to(after.dtype))
         assert len(_changed(tiny, before)) == 1  # one parameter (c_attn for GPT-2), nothing else
     _assert_same(tiny, before)
-    cols = weight_view(tiny.adapter, blocks[0], "o").detach().clone()
+    cols = tiny.adapter.weight_view(blocks[0], "o").detach().clone()
     with edit_weight_channels(tiny, {(0, "o"): [2]}, "in", "zero"):
-        after = weight_view(tiny.adapter, blocks[0], "o")
+        after = tiny.adapter.weight_view(blocks[0], "o")
         assert torch.count_nonzero(after[:, 2]) == 0
         assert (after != cols).any(dim=0).nonzero().flatten().tolist() == [2]  # only column 2 changed
     _assert_same(tiny, before)
@@ -296,11 +302,13 @@ def test_gamma_intervention_edits_the_norm_output_cos_and_removes_them(smollm2: 
     must remove them from x2, and the model comes back bit-exactly."""
     ids = _text_ids(smollm2, 96)
     before = _params(smollm2)
-    cfg = make_cfg("intervention=gamma", "intervention.norm=attn", "intervention.layers=[0]")
+    cfg = typed_cfg(
+        "experiment=perplexity", "intervention=gamma", "intervention.norm=attn", "intervention.layers=[0]"
+    )
     found = cos_by_key(profile_channels(smollm2, ids, ["attn.norm"], [0], progress=False), 4.0, 1 / 3)
     planted = found[(0, "attn.norm")].tolist()
     assert planted, "SmolLM2 layer 0 should have channel-wise outliers after its first norm"
-    with gamma_intervention(smollm2, cfg.intervention, cfg.threshold, ids, False, 0) as log:
+    with intervene(Inputs(smollm2, cfg.intervention, cfg.threshold, ids)) as log:
         assert log.edited == {(0, "attn"): planted}
         after = cos_by_key(profile_channels(smollm2, ids, ["attn.norm"], [0], progress=False), 4.0, 1 / 3)
         assert not set(after[(0, "attn.norm")].tolist()) & set(planted)
@@ -312,10 +320,16 @@ def test_gamma_intervention_edits_the_norm_output_cos_and_removes_them(smollm2: 
     [
         (("experiment=co", "threshold.m=0"), "threshold.m: must be > 0, got 0"),
         (("experiment=fig7", "threshold.beta=-0.1"), "threshold.beta: must be > 0, got -0.1"),
-        (("experiment=table6", "threshold.sd=[4,0]"), "threshold.sd: levels must be > 0, got 0"),
+        (("experiment=table6", "threshold.sd=[4,0]"), "threshold.sd: items must be > 0, got 0.0"),
         (("experiment=table3", "experiment.matrices=[q,wq]"), "experiment.matrices: unknown matrix 'wq'"),
-        (("experiment=table6", "experiment.axis=rows"), "experiment.axis: unknown axis 'rows'"),
-        (("experiment=table6", "experiment.targets=[qkv,attn]"), "experiment.targets: unknown target 'attn'"),
+        (
+            ("experiment=table6", "experiment.axis=rows"),
+            "experiment.axis: Invalid value 'rows', expected one of",
+        ),
+        (
+            ("experiment=table6", "experiment.targets=[qkv,attn]"),
+            "experiment.targets[1]: Invalid value 'attn', expected one of [qkv, norm, mlp]",
+        ),
         (
             ("experiment=perplexity", "intervention=gamma", "intervention.norm=attn_post"),
             "intervention.norm: no norm 'attn_post' in llama models (allowed: attn, mlp, both)",
@@ -341,5 +355,5 @@ def test_bad_channel_input_from_the_cli_is_one_line_and_exit_2(tmp_path: Path) -
     out = cli(tmp_path, *args)
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    expected = "error: experiment.norm: no norm 'mlp_post' in gpt2 models (allowed: attn, mlp, both)"
+    expected = "error: experiment.norm: unknown norm 'mlp_post' (allowed: attn, mlp, both)"
     assert len(lines) == 1 and lines[0] == expected, out.stderr

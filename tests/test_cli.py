@@ -41,7 +41,10 @@ def test_tiny_job_succeeds(tmp_path: Path) -> None:
             ("dataset=nope",),
             "error: dataset: unknown option 'nope' (allowed: c4, embedded, local_text, wikitext2)",
         ),
-        (("dataset.seqlen=4",), "error: dataset.seqlen: Key 'seqlen' not in 'DatasetConfig'"),
+        (
+            ("dataset.seqlen=4",),
+            "error: dataset.seqlen: unknown key 'seqlen' (allowed: name, path, split, seq_len,",
+        ),
         (
             ("dtype=float8",),
             "error: dtype: Invalid value 'float8', expected one of [float32, bfloat16, float16]",

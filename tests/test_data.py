@@ -13,12 +13,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from outlier_study.config.schema import BosPolicy, DatasetConfig, Sampling
+from outlier_study.config.schema import DatasetConfig
+from outlier_study.config.validate import check_for_model
+from outlier_study.config.vocab import BosPolicy, Sampling
 from outlier_study.data import Windows, build_windows, load_corpus
 from outlier_study.data.corpus import DATASET_NAMES
 from outlier_study.data.windows import make_windows, tokenize_corpus
 from outlier_study.errors import ConfigError
+from outlier_study.models.loader import describe_model
 from outlier_study.models.tiny import byte_tokenizer
+from tests.helpers import config_error, typed_cfg
 
 WIKITEXT_TEST = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
 BOS = 256
@@ -91,7 +95,13 @@ def test_local_text_bad_paths(tmp_path: Path) -> None:
 
 def test_max_chars_truncates_and_rejects_nonpositive(text_file: Path) -> None:
     assert load_corpus(local_cfg(text_file, max_chars=10)) == text_file.read_text(encoding="utf-8")[:10]
-    raises_field("dataset.max_chars", load_corpus, local_cfg(text_file, max_chars=0))
+    raises_field(
+        "dataset.max_chars",
+        typed_cfg,
+        "dataset=local_text",
+        f"dataset.path={text_file}",
+        "dataset.max_chars=0",
+    )
 
 
 def test_c4_local_json_gz(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,7 +150,7 @@ def test_tokenize_corpus_matches_tokenizer_and_stays_quiet() -> None:
 
 def test_contiguous_windows_are_slices_of_the_tokenized_text(tok: Any, text_file: Path) -> None:
     cfg = local_cfg(text_file, seq_len=16, n_windows=5)
-    win = build_windows(cfg, tok, max_context=64)
+    win = build_windows(cfg, tok)
     assert isinstance(win, Windows)
     full = tok(load_corpus(cfg), add_special_tokens=False)["input_ids"]
     assert win.input_ids.shape == (5, 16) and win.input_ids.dtype == torch.int64
@@ -151,7 +161,7 @@ def test_contiguous_windows_are_slices_of_the_tokenized_text(tok: Any, text_file
 
 def test_embedded_windows_and_protocol(tok: Any) -> None:
     cfg = DatasetConfig(name="embedded", seq_len=32, n_windows=3)
-    win = build_windows(cfg, tok, max_context=None)
+    win = build_windows(cfg, tok)
     text = load_corpus(cfg)
     p = win.protocol
     assert p["dataset"] == "embedded" and p["sampling"] == "contiguous" and p["bos"] == "none"
@@ -164,9 +174,9 @@ def test_embedded_windows_and_protocol(tok: Any) -> None:
 
 def test_random_windows_reproducible_and_in_bounds(tok: Any, text_file: Path) -> None:
     cfg = local_cfg(text_file, seq_len=16, n_windows=20, sampling=Sampling.random, seed=7)
-    a = build_windows(cfg, tok, max_context=None)
-    b = build_windows(cfg, tok, max_context=None)
-    c = build_windows(dataclasses.replace(cfg, seed=8), tok, max_context=None)
+    a = build_windows(cfg, tok)
+    b = build_windows(cfg, tok)
+    c = build_windows(dataclasses.replace(cfg, seed=8), tok)
     assert a.starts == b.starts and torch.equal(a.input_ids, b.input_ids)
     assert a.starts != c.starts
     ids = tokenize_corpus(load_corpus(cfg), tok)
@@ -187,7 +197,7 @@ def test_random_windows_can_reach_the_last_token() -> None:
 
 def test_bos_prepend_puts_bos_first_and_keeps_length(tok: Any, text_file: Path) -> None:
     cfg = local_cfg(text_file, seq_len=16, n_windows=3, bos=BosPolicy.prepend)
-    win = build_windows(cfg, tok, max_context=16)
+    win = build_windows(cfg, tok)
     ids = tokenize_corpus(load_corpus(cfg), tok)
     assert win.input_ids.shape == (3, 16)
     assert (win.input_ids[:, 0] == BOS).all()
@@ -210,29 +220,30 @@ def test_plain_string_config_matches_structured(tok: Any, text_file: Path) -> No
     plain = OmegaConf.create(
         {**dataclasses.asdict(local_cfg(text_file)), "sampling": "random", "bos": "prepend", "seed": 3}
     )
-    a = build_windows(structured, tok, None)
-    b = build_windows(plain, tok, None)
+    a = build_windows(structured, tok)
+    b = build_windows(plain, tok)
     assert torch.equal(a.input_ids, b.input_ids) and a.protocol == b.protocol
 
 
 @pytest.mark.parametrize(
-    ("field", "overrides", "max_context"),
+    ("field", "override"),
     [
-        ("dataset.seq_len", {"seq_len": 0}, None),
-        ("dataset.seq_len", {"seq_len": 65}, 64),
-        ("dataset.n_windows", {"n_windows": 0}, None),
-        ("dataset.batch_size", {"batch_size": 0}, None),
-        ("dataset.sampling", {"sampling": "shuffled"}, None),
-        ("dataset.bos", {"bos": "append"}, None),
+        ("dataset.seq_len", "dataset.seq_len=0"),
+        ("dataset.n_windows", "dataset.n_windows=0"),
+        ("dataset.batch_size", "dataset.batch_size=0"),
+        ("dataset.sampling", "dataset.sampling=shuffled"),
+        ("dataset.bos", "dataset.bos=append"),
     ],
 )
-def test_config_validation(
-    tok: Any, text_file: Path, field: str, overrides: dict[str, Any], max_context: int | None
-) -> None:
-    cfg = OmegaConf.create({**dataclasses.asdict(local_cfg(text_file)), **overrides})
-    err = raises_field(field, build_windows, cfg, tok, max_context)
-    if max_context is not None:
-        assert "context" in str(err) and "64" in str(err)
+def test_config_validation(text_file: Path, field: str, override: str) -> None:
+    line = config_error("dataset=local_text", f"dataset.path={text_file}", override)
+    assert line.startswith(f"{field}: ") and "\n" not in line
+
+
+def test_windows_longer_than_the_context_are_refused_before_the_load() -> None:
+    cfg = typed_cfg("model=tiny-llama", "+model.arch.max_position_embeddings=64", "dataset.seq_len=65")
+    err = raises_field("dataset.seq_len", check_for_model, cfg, describe_model(cfg.model, "/nonexistent"))
+    assert "context" in str(err) and "64" in str(err)
 
 
 def test_corpus_too_short(tok: Any, tmp_path: Path) -> None:
@@ -241,11 +252,11 @@ def test_corpus_too_short(tok: Any, tmp_path: Path) -> None:
     cfg = local_cfg(path, seq_len=16, n_windows=4)
     err = raises_field("dataset.n_windows", build_windows, cfg, tok, None)
     assert "50" in str(err) and "64" in str(err)
-    build_windows(local_cfg(path, seq_len=16, n_windows=3), tok, None)  # 48 tokens fit
+    build_windows(local_cfg(path, seq_len=16, n_windows=3), tok)  # 48 tokens fit
     cfg = local_cfg(path, seq_len=51, n_windows=4, sampling="random")
     err = raises_field("dataset.seq_len", build_windows, cfg, tok, None)
     assert "50" in str(err) and "51" in str(err)
-    build_windows(local_cfg(path, seq_len=50, n_windows=4, sampling="random"), tok, None)
+    build_windows(local_cfg(path, seq_len=50, n_windows=4, sampling="random"), tok)
 
 
 def test_hub_branches_ask_for_the_documented_datasets(monkeypatch: pytest.MonkeyPatch) -> None:

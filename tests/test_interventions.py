@@ -11,27 +11,31 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from outlier_study.config.validate import check_for_model
 from outlier_study.errors import ConfigError
+from outlier_study.interventions import INTERVENTIONS, Inputs, intervene
+from outlier_study.interventions.massive import replace_massive
+from outlier_study.interventions.record import Counted
+from outlier_study.interventions.residual import remove_residual_mas
 from outlier_study.measure.hooks import tap_hooks
-from outlier_study.interventions import (
-    INTERVENTIONS,
-    InterventionLog,
-    editable_taps,
-    intervention,
-    remove_residual_mas,
-    replace_massive,
-)
 from outlier_study.models.loader import LoadedModel
 from outlier_study.stats.massive import ma_mask
-from tests.helpers import make_cfg as compose_cfg
+from tests.helpers import typed_cfg
 
 MA_ABS, MA_RATIO = 100.0, 1000.0
 
 
 @functools.cache
 def make_cfg(*overrides: str) -> DictConfig:
-    """Composing is slow (~0.2 s); every test reads the result only, so one composition per override set."""
-    return compose_cfg(*overrides)
+    """Composing is slow (~0.2 s); every test reads the result only, so one composition per override set.
+    The interventions are what experiment=perplexity applies."""
+    return typed_cfg("experiment=perplexity", *overrides)
+
+
+def intervention(lm: LoadedModel, cfg: DictConfig) -> AbstractContextManager[Any]:
+    """The configured intervention, checked against the model first as a job does."""
+    check_for_model(cfg, lm.arch)
+    return intervene(Inputs(lm, cfg.intervention, cfg.threshold))
 
 
 Pos = tuple[int, int, int]  # (window, token, channel)
@@ -49,7 +53,7 @@ def plant(lm: LoadedModel, tap: str, layer: int, adds: dict[Pos, float]) -> Iter
     Registered with prepend=True: entered after an intervention, it runs before the intervention's own
     (prepended) hook on the same module, so the intervention sees the planted MA."""
     spec = lm.adapter.taps[tap]
-    block = lm.adapter.layers(lm.model)[layer]
+    block = lm.adapter.blocks(lm.model)[layer]
     module = block.get_submodule(spec.module) if spec.module else block
 
     def edited(x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +128,7 @@ def test_replace_massive_changes_exactly_the_ma_elements(
     )
     taps = sorted({tap, *downstream})
     base, base_logits = run(tiny, token_ids, taps, [0, 1], plant(tiny, tap, layer, adds))
-    log_box: list[InterventionLog] = []
+    log_box: list[Counted] = []
 
     @contextmanager
     def edit() -> Iterator[None]:
@@ -148,7 +152,7 @@ def test_replace_massive_changes_exactly_the_ma_elements(
         assert torch.equal(got[(0, t)], base[(0, t)])
 
     # The edited tensor is what flows downstream.
-    block = tiny.adapter.layers(tiny.model)[layer]
+    block = tiny.adapter.blocks(tiny.model)[layer]
     with torch.no_grad():
         if tap == "mlp.hidden":
             down = block.get_submodule(tiny.adapter.taps["mlp.out"].module)
@@ -170,7 +174,7 @@ def _contexts(lm: LoadedModel) -> dict[str, Callable[[], AbstractContextManager[
     return {
         "massive": lambda: replace_massive(lm, "mlp.hidden", None, "mean", MA_ABS, MA_RATIO),
         "residual": lambda: remove_residual_mas(lm, None, "mean", MA_ABS, MA_RATIO),
-        "config": lambda: intervention(lm, cfg.intervention, cfg.threshold),
+        "config": lambda: intervention(lm, cfg),
     }
 
 
@@ -229,7 +233,7 @@ def test_residual_removal_keeps_only_mas_generated_in_the_layer(
         return [plant(tiny, mlp_b, 0, {p: 1e4}), plant(tiny, mlp_b, 1, {q: -2e4})]
 
     base, _ = run(tiny, token_ids, taps, layers, *planted())
-    log_box: list[InterventionLog] = []
+    log_box: list[Counted] = []
 
     @contextmanager
     def edit() -> Iterator[None]:
@@ -311,17 +315,16 @@ def _field(err: pytest.ExceptionInfo[ConfigError]) -> str:
 def test_bad_config_is_a_config_error_naming_the_field(
     tiny: LoadedModel, overrides: list[str], field: str
 ) -> None:
-    cfg = make_cfg(*overrides)
     hooks = count_hooks(tiny)
     with pytest.raises(ConfigError) as err:
-        with intervention(tiny, cfg.intervention, cfg.threshold):
+        with intervention(tiny, make_cfg(*overrides)):
             pytest.fail("entered the block despite bad input")
     assert _field(err) == field
     assert count_hooks(tiny) == hooks
 
 
 def test_editable_taps_per_architecture(tiny: LoadedModel) -> None:
-    allowed = editable_taps(tiny.adapter)
+    allowed = tiny.adapter.editable_taps()
     assert "resid.mid" not in allowed and "attn.scores" not in allowed and "attn.norm_std" not in allowed
     assert {"resid.pre", "attn.norm", "attn.out", "mlp.hidden", "mlp.out", "resid.post"} <= set(allowed)
     assert ("attn.q" in allowed) == (tiny.adapter.family != "gpt2")  # GPT-2's q is a third of c_attn
@@ -338,7 +341,7 @@ def test_editable_taps_per_architecture(tiny: LoadedModel) -> None:
 
 def test_every_editable_tap_edits_what_flows(tiny: LoadedModel, token_ids: torch.Tensor) -> None:
     """A planted MA at every editable tap at once (one forward pass): each is replaced at its own tap."""
-    taps = editable_taps(tiny.adapter)
+    taps = tiny.adapter.editable_taps()
     pos = (0, 6, 2)
     base, base_logits = run(tiny, token_ids, taps, [1], *[plant(tiny, t, 1, {pos: 4000.0}) for t in taps])
     with ExitStack() as stack:
@@ -386,8 +389,8 @@ def test_none_changes_nothing(tiny: LoadedModel, token_ids: torch.Tensor) -> Non
     base, base_logits = run(
         tiny, token_ids, ["mlp.hidden", "resid.post"], [0, 1, 2], plant(tiny, "mlp.hidden", 1, adds)
     )
-    with intervention(tiny, cfg.intervention, cfg.threshold) as log:
-        assert log is None
+    with intervention(tiny, cfg) as log:
+        assert log.total == 0 and log.summary("intervention") == {"intervention.name": "none"}
         assert count_hooks(tiny) == hooks
         got, logits = run(
             tiny, token_ids, ["mlp.hidden", "resid.post"], [0, 1, 2], plant(tiny, "mlp.hidden", 1, adds)
@@ -404,18 +407,18 @@ def test_config_dispatch_resolves_aliases_and_layers(
 ) -> None:
     cfg = make_cfg("intervention=massive", f"intervention.tap={alias}", "intervention.layers=[-2]")
     adds = {(1, 2, 3): -6000.0}
-    with intervention(tiny, cfg.intervention, cfg.threshold) as log:
-        assert isinstance(log, InterventionLog)
+    with intervention(tiny, cfg) as log:
+        assert isinstance(log, Counted)
         got, _ = run(tiny, token_ids, [canonical], [1], plant(tiny, canonical, 1, adds))
     assert log.tap == canonical and log.layers == [1] and log.value == "mean"
     assert log.changed == {1: 1}
     x = got[(1, canonical)]
     assert x[1, 2, 3].abs() < 100
-    summary = log.summary()
+    summary = log.summary("intervention")
     assert summary["intervention.changed_total"] == 1 and summary["intervention.tap"] == canonical
 
     cfg = make_cfg("intervention=residual")
-    with intervention(tiny, cfg.intervention, cfg.threshold) as log:
+    with intervention(tiny, cfg) as log:
         assert log is not None and log.name == "residual" and log.value == "zero"
         assert log.layers == list(range(tiny.n_layers))
 

@@ -41,7 +41,7 @@ def test_rule_is_relative_to_each_windows_own_median() -> None:
 @contextmanager
 def planted(lm: LoadedModel, layer: int, token: int, channel: int, value: float) -> Iterator[None]:
     """Make what layer `layer`'s MLP adds to the residual one huge value at (token, channel): a true MA."""
-    block = lm.adapter.layers(lm.model)[layer]
+    block = lm.adapter.blocks(lm.model)[layer]
     target = block.get_submodule(lm.adapter.taps[lm.adapter.residual_branches()[1]].module)
 
     def hook(_m: torch.nn.Module, _a: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -125,9 +125,17 @@ def test_table2_rows_and_protocol(tmp_path: Path) -> None:
     # a random tiny model has no MA: nothing is replaced, so every column equals the original exactly
     assert all(v == "0" for k, v in changed_row.items() if k != "dataset")
     assert len({v for k, v in ppl_row.items() if k != "dataset"}) == 1
-    proto = json.loads((job / "perplexity.json").read_text())
+    record = json.loads((job / "perplexity.json").read_text())
+    assert (record["schema"], record["version"], record["experiment"]) == (
+        "outlier-study/perplexity",
+        1,
+        "table2",
+    )
     for key in ("dataset", "split", "seq_len", "n_windows", "sampling", "seed", "bos", "dtype"):
-        assert key in proto, key
+        assert key in record["protocol"], key
+    labels = [e["label"] for e in record["evaluations"]]
+    assert labels == ["original", "y6 → mean", "y6 → zero", "y7 → mean", "y7 → zero"]
+    assert all(f"{e['ppl']:.3f}" == ppl_row[e["label"]] and e["changed"] == 0 for e in record["evaluations"])
 
 
 def test_rule_is_exact_for_half_precision_and_agrees_with_the_reducer() -> None:

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from outlier_study.measure import perplexity
+from outlier_study.measure.forward import logits_forward
+from outlier_study.measure.perplexity import Perplexity, evaluate_perplexity
 from outlier_study.models.loader import LoadedModel
-from outlier_study.measure.perplexity import Perplexity, evaluate_perplexity, logits_forward
 from tests.helpers import make_cfg
 
 
@@ -159,7 +160,7 @@ def test_smollm2_wikitext_perplexity(smollm2: LoadedModel, wikitext: Path) -> No
     cfg = make_cfg(
         "dataset=wikitext2", f"dataset.path={wikitext}", "dataset.seq_len=128", "dataset.n_windows=2"
     )
-    ids = build_windows(cfg.dataset, smollm2.tokenizer, smollm2.max_context).input_ids
+    ids = build_windows(cfg.dataset, smollm2.tokenizer).input_ids
     result = evaluate_perplexity(smollm2, ids, batch_size=2, progress=False)
     assert result.n_tokens == 2 * 127
     assert math.isfinite(result.ppl)

@@ -17,16 +17,16 @@ import torch.nn.functional as F
 from outlier_study.app import run
 from outlier_study.data.windows import disjoint_starts
 from outlier_study.errors import ConfigError
-from outlier_study.models.loader import LoadedModel, load_model
+from outlier_study.interventions.treatment import Inputs
 from outlier_study.measure.perplexity import evaluate_perplexity
+from outlier_study.models.loader import LoadedModel, load_model
 from outlier_study.quant.error import quant_error
 from outlier_study.quant.fake import ActivationQuantizer, QuantSpec, fake_quant, qmax, quantize
-from outlier_study.quant.layout import decoder_linears
-from outlier_study.quant.methods import METHODS, MethodInputs, get_method
+from outlier_study.quant.methods import METHODS
 from outlier_study.quant.orthogonal import randomized_rotation
 from outlier_study.quant.rotation import rotate
 from outlier_study.quant.smoothquant import calibrate, smooth
-from tests.helpers import load_named, make_cfg
+from tests.helpers import config_error, load_named, make_cfg, typed_cfg
 
 TOL = 1e-4  # max |Δlogits| / max |logits| for the exact (pre-quantization) equivalences, float32
 
@@ -174,8 +174,7 @@ def test_fake_quant_hooks_leave_every_linear_input_unchanged(model_cache: Path, 
             seen.append((args[0], args[0].clone()))
 
         handles = [
-            m.register_forward_pre_hook(observe, prepend=True)
-            for _, _, m in decoder_linears(lm.model, lm.adapter)
+            m.register_forward_pre_hook(observe, prepend=True) for _, _, m in lm.adapter.linears(lm.model)
         ]
         try:
             with fake_quant(lm, QuantSpec(w_bits=4, a_bits=4, kv_bits=4)):
@@ -183,7 +182,7 @@ def test_fake_quant_hooks_leave_every_linear_input_unchanged(model_cache: Path, 
         finally:
             for h in handles:
                 h.remove()
-        assert len(seen) == len(decoder_linears(lm.model, lm.adapter))
+        assert len(seen) == len(lm.adapter.linears(lm.model))
         for tensor, copy in seen:
             assert torch.equal(tensor, copy)
 
@@ -197,8 +196,8 @@ def test_fake_quant_restores_bit_exactly_also_after_an_error(
     spec = QuantSpec(w_bits=4, a_bits=8, kv_bits=4, w_group_size=16)
     with fake_quant(lm, spec) as record:
         quantized = logits(lm, ids)
-        assert record["quant.n_linears"] == len(decoder_linears(lm.model, lm.adapter))
-        lin = decoder_linears(lm.model, lm.adapter)[0][2]
+        assert record["quant.n_linears"] == len(lm.adapter.linears(lm.model))
+        lin = lm.adapter.linears(lm.model)[0][2]
         assert not torch.equal(lin.weight, before[_param_key(lm, lin)])  # the weights really are quantized
     assert not torch.equal(quantized, ref)
     assert_bit_exact(lm, before)
@@ -232,7 +231,7 @@ def test_shared_input_cache_matches_one_quantizer_per_linear(model_cache: Path, 
         cached = logits(lm, ids)
     handles = [
         m.register_forward_pre_hook(ActivationQuantizer(4, "token"))
-        for _, _, m in decoder_linears(lm.model, lm.adapter)
+        for _, _, m in lm.adapter.linears(lm.model)
     ]
     try:
         separate = logits(lm, ids)
@@ -254,10 +253,8 @@ def test_shared_input_cache_matches_one_quantizer_per_linear(model_cache: Path, 
     ],
 )
 def test_bad_quant_settings_are_one_line_errors(kwargs: dict[str, Any], field: str) -> None:
-    with pytest.raises(ConfigError) as err:
-        QuantSpec(**kwargs)
-    assert err.value.field == field
-    assert str(err.value).startswith(f"{field}: ") and "\n" not in str(err.value)
+    line = config_error("experiment=quant", *(f"quant.{k}={v}" for k, v in kwargs.items()))
+    assert line.startswith(f"{field}: ") and "\n" not in line
 
 
 def test_quant_labels() -> None:
@@ -296,7 +293,7 @@ def test_smoothquant_is_an_equivalence_and_restores_bit_exactly(
     assert hook_count(lm) == hooks
     with smooth(lm, act_max, 0.5) as record:
         smoothed = logits(lm, ids)
-        norm = lm.adapter.layers(lm.model)[0].get_submodule(lm.adapter.norms["attn"])
+        norm = lm.adapter.blocks(lm.model)[0].get_submodule(lm.adapter.norms["attn"].module)
         assert not torch.equal(norm.weight, before[_param_key(lm, norm)])  # scales really were folded
         assert record["smoothquant.max_scale_spread"] > 1.0
     assert rel_diff(smoothed, ref) <= TOL
@@ -329,7 +326,7 @@ def test_rotation_is_an_equivalence_and_restores_bit_exactly(
     with rotate(lm, seed=1) as record:
         rotated = logits(lm, ids)
         assert not torch.equal(emb.weight, before[_param_key(lm, emb)])
-        q_proj = lm.adapter.layers(model)[0].self_attn.q_proj
+        q_proj = lm.adapter.blocks(model)[0].self_attn.q_proj
         assert not torch.equal(q_proj.weight, before[_param_key(lm, q_proj)])
         assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
         assert record["rotation.untied_lm_head"] == tied
@@ -348,19 +345,19 @@ def test_rotation_is_an_equivalence_and_restores_bit_exactly(
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma3"])
 def test_rotation_refuses_other_architectures(model_cache: Path, name: str) -> None:
     lm = load_named(name, model_cache)
-    before = snapshot(lm)
-    with pytest.raises(ConfigError) as err, rotate(lm):
-        pass
+    cfg = typed_cfg("experiment=quant", "method=rotation", f"model={name}")
+    rotation = METHODS.get("rotation")
+    assert rotation.check is not None
+    with pytest.raises(ConfigError) as err:
+        rotation.check(cfg.method, cfg, lm.arch)
     assert err.value.field == "method.name"
-    assert "llama, qwen2, mistral" in str(err.value) and "\n" not in str(err.value)
-    assert_bit_exact(lm, before)
+    assert "(allowed: llama)" in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan")])
-def test_smoothquant_alpha_outside_unit_interval_is_refused(model_cache: Path, alpha: float) -> None:
-    lm = load_named("tiny-llama", model_cache)
-    with pytest.raises(ConfigError) as err, smooth(lm, {}, alpha):
-        pass
+@pytest.mark.parametrize("alpha", ["-0.1", "1.5", "nan"])
+def test_smoothquant_alpha_outside_unit_interval_is_refused(alpha: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        typed_cfg("experiment=quant", "method=smoothquant", f"method.alpha={alpha}")
     assert err.value.field == "method.alpha" and "\n" not in str(err.value)
 
 
@@ -391,7 +388,7 @@ def test_quant_error_is_zero_at_16_bits_and_grows_with_fewer_bits(
         with quant_error(lm, QuantSpec(w_bits=bits, a_bits=bits)) as log:
             logits(lm, ids)
         errors[bits] = log.relative()
-    n = len(decoder_linears(lm.model, lm.adapter))
+    n = len(lm.adapter.linears(lm.model))
     assert all(len(e) == n for e in errors.values())
     assert all(v == 0 for v in errors[16].values())
     assert all(0 < errors[8][k] < errors[4][k] < 1 for k in errors[8])
@@ -422,18 +419,18 @@ def test_every_method_restores_the_model(model_cache: Path, ids: torch.Tensor) -
     cfg = make_cfg("model=tiny-llama")
     before, hooks, ref = snapshot(lm), hook_count(lm), logits(lm, ids)
     for name, method in METHODS.items():
-        method_cfg = make_cfg(f"method={name}").method
-        inputs = MethodInputs(lm, method_cfg, cfg.threshold, ids if method.calibrated else None)
+        typed = typed_cfg("experiment=quant", f"method={name}")
+        inputs = Inputs(lm, typed.method, cfg.threshold, ids if method.calibrated else None)
         if method.check is not None:
-            method.check(lm, method_cfg)
+            method.check(typed.method, typed, lm.arch)
         with method.apply(inputs) as record:
             logits(lm, ids)
-            assert isinstance(record.summary(), dict)
+            assert isinstance(record.summary("method", detail=False), dict)
         assert_bit_exact(lm, before)
         assert hook_count(lm) == hooks
     assert torch.equal(logits(lm, ids), ref)
     with pytest.raises(ConfigError) as err:
-        get_method("nope")
+        METHODS.get("nope")
     assert err.value.field == "method.name"
 
 
@@ -460,14 +457,19 @@ def test_disjoint_starts_never_overlap_the_taken_windows() -> None:
 # ------------------------------------------------------------------------------------------ experiment
 
 
+CALIBRATED = {"method=smoothquant", "method=gamma_smooth"}
+
+
 def _job(tmp_path: Path, *overrides: str) -> tuple[Path, dict[str, Any]]:
+    """A tiny quant job; calibrated methods get 4 calibration windows (a key the others do not have)."""
+    calib = ("method.calib_windows=4",) if CALIBRATED & set(overrides) else ()
     cfg = make_cfg(
         "experiment=quant",
         "model=tiny-llama",
         "dataset.seq_len=48",
         "dataset.n_windows=3",
-        "method.calib_windows=4",
         "progress=false",
+        *calib,
         *overrides,
     )
     job = run(cfg, tmp_path / "_".join(o.replace("=", "-") for o in overrides))
@@ -492,7 +494,7 @@ def test_quant_experiment_writes_its_results(tmp_path: Path) -> None:
         assert all(s + text_len <= e or e + text_len <= s for e in evaluation["starts"])
     header = (job / "tables" / "quant.csv").read_text().splitlines()[0]
     assert header == "dataset,method,W4A8"
-    co_layers = json.loads((job / "perplexity.json").read_text())["co_layers"]
+    co_layers = json.loads((job / "perplexity.json").read_text())["extra"]["co_layers"]
     assert isinstance(co_layers, list) and set(co_layers) <= {0, 1, 2}  # tiny-llama has 3 layers
 
 
@@ -523,9 +525,9 @@ def test_quant_experiment_equivalent_methods_keep_full_precision_perplexity(tmp_
     _, plain = _job(tmp_path, "quant=none", "method=none")
     cfg = make_cfg("model=tiny-llama", "dataset.seq_len=48", "dataset.n_windows=3")
     lm = load_model(cfg.model, "float32", "cpu", cfg.paths.model_cache)
-    from outlier_study.data import build_windows
+    from outlier_study.data import build_windows, load_corpus
 
-    windows = build_windows(cfg.dataset, lm.tokenizer, lm.max_context)
+    windows = build_windows(cfg.dataset, lm.tokenizer, load_corpus(cfg.dataset))
     direct = evaluate_perplexity(lm, windows.input_ids, progress=False)
     assert plain["ppl"] == direct.ppl
     _, rotated = _job(tmp_path, "quant=none", "method=rotation")  # smoothquant: the test above and logits
@@ -570,23 +572,25 @@ def test_cli_bad_quant_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     out = cli(tmp_path, "experiment=quant", "model=tiny-gpt2", "method=rotation", "dataset.seq_len=32")
     assert out.returncode == 2, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    expected = "error: method.name: rotation supports Llama-like models only, this model_type is 'gpt2'"
+    expected = "error: method.name: rotation does not apply to gpt2 models: its LayerNorm subtracts the mean"
     assert len(lines) == 1 and lines[0].startswith(expected), out.stderr
-    assert lines[0].endswith("(allowed: llama, qwen2, mistral)")
+    assert lines[0].endswith("(allowed: llama)")
 
 
 def test_gamma_smooth_edits_the_norm_output_cos_of_smollm2(smollm2, ids: torch.Tensor) -> None:
     """SmolLM2 has COs after its norms (paper Fig. 7): γ smoothing must edit some γ entries, and only while
     its block runs; an unknown norm is a one-line error naming method.norm."""
-    cfg = make_cfg("method=gamma_smooth")
+    cfg = typed_cfg("experiment=quant", "method=gamma_smooth")
     text_ids = smollm2.tokenizer(
         "Outliers live in a few channels of a norm's output. " * 8, return_tensors="pt"
     )
     calib = text_ids.input_ids[:, :64]
     before = snapshot(smollm2)
-    with METHODS["gamma_smooth"].apply(MethodInputs(smollm2, cfg.method, cfg.threshold, calib)) as record:
-        assert record.summary()["method.changed_total"] > 0
+    gamma_smooth = METHODS.get("gamma_smooth")
+    with gamma_smooth.apply(Inputs(smollm2, cfg.method, cfg.threshold, calib)) as record:
+        assert record.summary("method", detail=False)["method.changed_total"] > 0
     assert_bit_exact(smollm2, before)
+    bad = typed_cfg("experiment=quant", "method=gamma_smooth", "method.norm=ffn")
     with pytest.raises(ConfigError) as err:
-        METHODS["gamma_smooth"].check(smollm2, make_cfg("method=gamma_smooth", "method.norm=ffn").method)
+        gamma_smooth.check(bad.method, bad, smollm2.arch)
     assert err.value.field == "method.norm"

@@ -10,10 +10,10 @@ import torch
 
 from outlier_study.app import run
 from outlier_study.measure.hooks import tap_hooks
-from outlier_study.models.loader import LoadedModel
 from outlier_study.measure.profiler import profile_windows
-from outlier_study.output.stat_tables import is_massive
+from outlier_study.models.loader import LoadedModel
 from outlier_study.output.files import read_csv
+from outlier_study.output.stat_tables import is_massive_entry as is_massive
 from tests.helpers import make_cfg
 
 pytestmark = pytest.mark.real
@@ -25,7 +25,7 @@ def test_smollm2_has_massive_activations_in_middle_layers(smollm2: LoadedModel, 
     cfg = make_cfg(
         "dataset=wikitext2", f"dataset.path={wikitext}", "dataset.seq_len=256", "dataset.n_windows=2"
     )
-    windows = build_windows(cfg.dataset, smollm2.tokenizer, smollm2.max_context)
+    windows = build_windows(cfg.dataset, smollm2.tokenizer)
     n = smollm2.n_layers
     middle = list(range(n // 4, 3 * n // 4))
     prof = profile_windows(smollm2, windows.input_ids, ["resid.post"], middle, progress=False)
@@ -81,7 +81,17 @@ def test_gemma3_float16_reports_overflow_instead_of_crashing(
     )
     metrics = json.loads((job / "metrics.json").read_text())
     assert metrics["inf_count_total"] + metrics["nan_count_total"] > 0
-    assert "non-finite activations" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    [warning] = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert "overflow of float16" in warning and "tables/nonfinite.md" in warning
+    assert "Non-finite activations per tap" in captured.out
+    rows = read_csv(job / "tables" / "nonfinite.csv")
+    assert [r["tap"] for r in rows] == ["resid.post"]
+    assert (
+        sum(int(r["inf"]) + int(r["nan"]) for r in rows)
+        == metrics["inf_count_total"] + metrics["nan_count_total"]
+    )
+    assert metrics["nonfinite.resid.post.nan"] == int(rows[0]["nan"])
     assert json.loads((job / "status.json").read_text())["status"] == "ok"
     for r in read_csv(job / "layer_stats.csv"):
         if r["statistic"] in ("max_abs", "top1_abs") and r["value"] not in ("nan",):

@@ -17,10 +17,10 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from outlier_study.app import run
-from outlier_study.models.loader import LoadedModel
+from outlier_study.measure.checkpoints import WindowCheckpoint
 from outlier_study.measure.perplexity import evaluate_perplexity
-from outlier_study.output.files import write_status
-from outlier_study.sweep.resume import WindowCheckpoint
+from outlier_study.models.loader import LoadedModel
+from outlier_study.output.job import write_status
 from tests.helpers import load_named, make_cfg
 
 CLI = Path(sys.executable).parent / "outlier-study"
@@ -63,7 +63,7 @@ def test_finished_job_is_skipped_and_others_rerun(tmp_path: Path, capsys: pytest
     changed = make_cfg(*TINY_JOB, "progress=false", "dataset.n_windows=3")
     run(changed, job_dir=job)
     assert "rerunning, the config changed" in capsys.readouterr().out
-    assert json.loads((job / "perplexity.json").read_text())["n_tokens"] == 3 * 31
+    assert json.loads((job / "perplexity.json").read_text())["evaluations"][0]["n_tokens"] == 3 * 31
 
 
 def sweep_command(root: Path, name: str) -> list[str]:

@@ -114,7 +114,7 @@ def test_three_job_sweep_finishes_ok(cluster: None, tmp_path: Path) -> None:
     assert [j.name.rsplit("model=", 1)[1] for j in jobs] == ["tiny-gpt2", "tiny-llama", "tiny-qwen2"]
     for job in jobs:
         assert status(job)["status"] == "ok"
-        assert json.loads((job / "perplexity.json").read_text())["n_tokens"] == 2 * 31
+        assert json.loads((job / "perplexity.json").read_text())["evaluations"][0]["n_tokens"] == 2 * 31
         env = json.loads((job / "env.json").read_text())
         assert env["packages"]["submitit"] and env["packages"]["torch"]
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)

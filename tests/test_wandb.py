@@ -20,10 +20,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from outlier_study.app import run
+from outlier_study.config import CONF_DIR
 from outlier_study.output.files import read_csv
 from outlier_study.sweep.tracker import wandb_key
 from outlier_study.sweep.wandb_records import OfflineRun, find_runs, main, read_run
-from tests.helpers import REPO, make_cfg
+from tests.helpers import make_cfg
 
 # Two taps keep the job short (two figures); low MA thresholds give the MA table rows to compare.
 JOB = (
@@ -269,9 +270,10 @@ def test_listener_sees_an_online_run(job: Job, tmp_path: Path) -> None:
     listener = Listener()
     code = (
         "import sys; from pathlib import Path; from hydra import compose, initialize_config_dir\n"
-        "from outlier_study.config.schema import register_configs; from outlier_study.sweep.tracker import track\n"
+        "from outlier_study.config.schema import register_configs\n"
+        "from outlier_study.sweep.tracker import track\n"
         "register_configs()\n"
-        f"with initialize_config_dir(config_dir={str(REPO / 'conf')!r}, version_base='1.3'):\n"
+        f"with initialize_config_dir(config_dir={str(CONF_DIR)!r}, version_base='1.3'):\n"
         "    cfg = compose('config', overrides=sys.argv[2:])\n"
         "track(cfg, Path(sys.argv[1]))\n"
     )
@@ -299,7 +301,7 @@ def test_listener_sees_an_online_run(job: Job, tmp_path: Path) -> None:
         (("logger.mode=online",), "error: logger.project: required with logger.mode=online"),
         (
             ("logger.mode=cloud",),
-            "error: logger.mode: Invalid value 'cloud', expected one of [offline, online]",
+            "error: logger.mode: Invalid value 'cloud', expected one of [offline, online, disabled]",
         ),
     ],
 )

@@ -1,67 +1,20 @@
-"""Architecture-neutral tap vocabulary and the adapter contract each architecture file fills in."""
+"""The contract each architecture family fills in: one declarative description of everything the code
+needs to know about it, and `Arch`, what a config tells about a model before any weight is loaded."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from outlier_study.errors import ConfigError
+from outlier_study.adapters.linears import LinearLike, is_linear, weight_out_in
+from outlier_study.adapters.taps import ATTENTION_TAPS, CANONICAL_TAPS, PAPER_ALIASES, SYNONYMS
+from outlier_study.errors import ConfigError, require
 
-# Canonical taps in forward order (DESIGN §2). Layers own every tap; numbering starts at 0.
-CANONICAL_TAPS: tuple[str, ...] = (
-    "resid.pre",
-    "attn.norm_std",
-    "attn.norm",
-    "attn.q",
-    "attn.k",
-    "attn.v",
-    "attn.scores",
-    "attn.probs",
-    "attn.ctx",
-    "attn.out",
-    "attn.post_norm",
-    "resid.mid",
-    "mlp.norm_std",
-    "mlp.norm",
-    "mlp.gate",
-    "mlp.up",
-    "mlp.act",
-    "mlp.hidden",
-    "mlp.out",
-    "mlp.post_norm",
-    "resid.post",
-)
-
-# Synonyms that name the same point in every architecture.
-SYNONYMS: dict[str, str] = {"attn.in": "resid.pre", "mlp.in": "resid.mid"}
-
-ATTENTION_TAPS: frozenset[str] = frozenset({"attn.scores", "attn.probs"})
-
-# The paper's names (x1..x9 attention, y1..y7 MLP) for gated-MLP models.
-PAPER_ALIASES_GATED: dict[str, str] = {
-    "x1": "resid.pre",
-    "x2": "attn.norm",
-    "x3": "attn.q",
-    "x4": "attn.k",
-    "x5": "attn.v",
-    "x6": "attn.scores",
-    "x7": "attn.probs",
-    "x8": "attn.ctx",
-    "x9": "attn.out",
-    "y1": "resid.mid",
-    "y2": "mlp.norm",
-    "y3": "mlp.gate",
-    "y4": "mlp.up",
-    "y5": "mlp.act",
-    "y6": "mlp.hidden",
-    "y7": "mlp.out",
-}
-
-Standardize = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+Derive = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -71,7 +24,7 @@ class TapSpec:
 
     module: str
     io: Literal["input", "output"]
-    derive: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    derive: Derive | None = None
 
 
 ATTENTION = TapSpec(module="<attention-function>", io="output")  # reached through AttentionInterface
@@ -87,16 +40,15 @@ class WeightSpec:
     parts: int = 1
 
 
-# Weight names shared by the gated-MLP families (Llama, Qwen2, Mistral, Gemma3).
-GATED_WEIGHTS: dict[str, WeightSpec] = {
-    "q": WeightSpec("self_attn.q_proj"),
-    "k": WeightSpec("self_attn.k_proj"),
-    "v": WeightSpec("self_attn.v_proj"),
-    "o": WeightSpec("self_attn.o_proj"),
-    "gate": WeightSpec("mlp.gate_proj"),
-    "up": WeightSpec("mlp.up_proj"),
-    "down": WeightSpec("mlp.down_proj"),
-}
+@dataclass(frozen=True)
+class NormSpec:
+    """A norm of a decoder layer: its module, the tap it writes (whose COs pick the γ entries the channel
+    experiments edit), and the weights that read its output (SmoothQuant scales them, rotation folds γ
+    into them; none for a norm whose output goes straight into the residual add)."""
+
+    module: str
+    output_tap: str
+    readers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,19 +60,23 @@ class Adapter:
     taps: dict[str, TapSpec]
     aliases: dict[str, str]
     layers_path: str  # dotted path from the CausalLM to its list of decoder layers
+    final_norm: str  # dotted path from the CausalLM to the norm before the lm_head
+    norms: dict[str, NormSpec]  # "attn" / "mlp" (and post norms) -> the norm
+    weights: dict[str, WeightSpec]  # "q", "k", ..., "down" -> where it lives
     gamma_offset: float = 0.0  # Gemma RMSNorm scales by (1 + weight)
-    norms: dict[str, str] = field(default_factory=dict)  # "attn" / "mlp" -> norm module path in a layer
-    weights: dict[str, WeightSpec] = field(default_factory=dict)  # "q", "k", ..., "down" -> where it lives
+    rotation_blocker: str | None = None  # why the exact rotation fold does not apply; None: it does
 
-    def canonical(self, name: str) -> str:
+    # ---------------------------------------------------------------- taps
+
+    def canonical(self, name: str, field_name: str = "taps") -> str:
         """Resolve a canonical tap, synonym or paper alias; reject names this architecture lacks."""
         tap = self.aliases.get(name) or SYNONYMS.get(name) or name
         if tap not in CANONICAL_TAPS:
             known = sorted(set(CANONICAL_TAPS) | set(SYNONYMS) | set(self.aliases))
-            raise ConfigError("taps", f"unknown tap '{name}'", allowed=known)
+            raise ConfigError(field_name, f"unknown tap '{name}'", allowed=known)
         if tap not in self.taps:
             raise ConfigError(
-                "taps", f"tap '{name}' does not exist in {self.family} models", allowed=self.available()
+                field_name, f"tap '{name}' does not exist in {self.family} models", allowed=self.available()
             )
         return tap
 
@@ -128,14 +84,45 @@ class Adapter:
         """Taps of this architecture, in forward order."""
         return [t for t in CANONICAL_TAPS if t in self.taps]
 
+    def paper_taps(self) -> list[tuple[str, str]]:
+        """(paper name, canonical tap) for the x1..x9, y1..y7 this architecture has."""
+        return [
+            (a, self.aliases[a]) for a in PAPER_ALIASES if a in self.aliases and self.aliases[a] in self.taps
+        ]
+
     def residual_branches(self) -> tuple[str, str]:
         """The taps that attention and MLP add to the residual stream (Gemma3 adds post-normed outputs)."""
         if "attn.post_norm" in self.taps:
             return "attn.post_norm", "mlp.post_norm"
         return "attn.out", "mlp.out"
 
-    def layers(self, model: nn.Module) -> nn.ModuleList:
+    def editable_taps(self) -> list[str]:
+        """Taps whose tensor is a whole module input/output that flows on unchanged: the ones an intervention
+        can replace. resid.mid is only the MLP norm's input (the residual add keeps its own copy)."""
+        return [
+            t
+            for t in self.available()
+            if t != "resid.mid" and t not in ATTENTION_TAPS and self.taps[t].derive is None
+        ]
+
+    # ---------------------------------------------------------------- modules
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)  # type: ignore[return-value]
+
+    def module(self, block: nn.Module, path: str) -> nn.Module:
+        """The module at `path` inside a decoder layer ("" is the layer itself): the one lookup every hook,
+        edit and quantizer goes through."""
+        return block.get_submodule(path) if path else block
+
+    def linears(self, model: nn.Module) -> list[tuple[int, str, LinearLike]]:
+        """(layer, path inside the layer, module) of every linear inside the decoder layers, module order."""
+        out: list[tuple[int, str, LinearLike]] = []
+        for layer, block in enumerate(self.blocks(model)):
+            out.extend((layer, name, m) for name, m in block.named_modules() if is_linear(m))  # type: ignore[misc]
+        return out
+
+    # ---------------------------------------------------------------- norms and weights
 
     def norm_names(self, name: str, field_name: str) -> list[str]:
         """Norm keys for a config value: one of `norms`, or "both" = attn and mlp."""
@@ -144,43 +131,77 @@ class Adapter:
             raise ConfigError(field_name, f"no norm '{name}' in {self.family} models", allowed=allowed)
         return ["attn", "mlp"] if name == "both" else [name]
 
+    def gamma(self, block: nn.Module, norm: str) -> torch.Tensor:
+        """The weight of a layer's norm; the norm scales by weight + gamma_offset."""
+        return self.module(block, self.norms[norm].module).weight  # type: ignore[return-value]
+
     def weight_name(self, name: str, field_name: str) -> str:
         if name not in self.weights:
             raise ConfigError(field_name, f"unknown matrix '{name}' for {self.family}", allowed=self.weights)
         return name
 
+    def weight_view(self, block: nn.Module, name: str) -> torch.Tensor:
+        """(out, in) view of a layer's weight `name`, sharing storage with the parameter."""
+        spec = self.weights[name]
+        view = weight_out_in(self.module(block, spec.module))  # type: ignore[arg-type]
+        rows = view.shape[0] // spec.parts
+        return view[spec.part * rows : (spec.part + 1) * rows]
 
-def resolve_taps(adapter: Adapter, names: list[str] | None) -> list[str]:
-    """Canonical taps in forward order; default: all except attention scores/probs (they cost a QKᵀ)."""
-    if names is None:
-        return [t for t in adapter.available() if t not in ATTENTION_TAPS]
-    wanted = {adapter.canonical(str(n)) for n in names}
-    if not wanted:
-        raise ConfigError("taps", "empty tap list", allowed=adapter.available())
-    return [t for t in adapter.available() if t in wanted]
+    def modules_of(self, names: Sequence[str]) -> tuple[str, ...]:
+        """Module paths of weights, each once, in the order given (GPT-2's q, k, v share c_attn)."""
+        return tuple(dict.fromkeys(self.weights[n].module for n in names if n in self.weights))
+
+    @property
+    def writers(self) -> tuple[str, ...]:
+        """Linears whose output is added to the residual stream."""
+        return self.modules_of(("o", "down"))
+
+    @property
+    def down(self) -> str:
+        """The MLP's output projection (its input is the tap mlp.hidden)."""
+        return self.weights["down"].module
+
+    @property
+    def kv(self) -> tuple[str, ...]:
+        """Projections producing keys and values; a fused one (GPT-2) holds q, k, v as thirds."""
+        return self.modules_of(("k", "v"))
+
+    @property
+    def kv_fused(self) -> bool:
+        return self.weights["k"].parts > 1
+
+    def readers(self) -> dict[str, tuple[str, ...]]:
+        """norm key -> module paths of the linears reading its output (norms that feed linears only)."""
+        return {key: self.modules_of(spec.readers) for key, spec in self.norms.items() if spec.readers}
 
 
-def resolve_layers(n_layers: int, layers: list[int] | None, field_name: str = "layers") -> list[int]:
-    """Layer indices (from 0); negative indices count from the end like Python."""
-    if layers is None:
-        return list(range(n_layers))
-    out: list[int] = []
-    for raw in layers:
-        idx = int(raw)
-        if not -n_layers <= idx < n_layers:
-            raise ConfigError(field_name, f"layer {idx} out of range", allowed=[f"0..{n_layers - 1}"])
-        out.append(idx % n_layers)
-    return sorted(set(out))
+@dataclass(frozen=True)
+class Arch:
+    """A model as its config describes it: family, depth, context. Known before any weight is loaded, so
+    layer and tap names of every option are checked before the work starts."""
 
+    adapter: Adapter
+    config: Any = field(repr=False)  # the transformers PretrainedConfig
+    n_layers: int
+    max_context: int | None
 
-def rms_standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm without γ, computed as the HF Llama-style norm does before its weight multiply."""
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return h.to(x.dtype)
+    def layers(self, values: Sequence[int] | None, field_name: str = "layers") -> list[int]:
+        """Layer indices from 0, sorted and unique; negative indices count from the end; None = all."""
+        if values is None:
+            return list(range(self.n_layers))
+        require(len(values) > 0, field_name, "empty layer list", [f"0..{self.n_layers - 1}", "null"])
+        return sorted({self.layer(v, field_name) for v in values})
 
+    def layer(self, value: int, field_name: str) -> int:
+        idx = int(value)
+        if not -self.n_layers <= idx < self.n_layers:
+            raise ConfigError(field_name, f"layer {idx} out of range", allowed=[f"0..{self.n_layers - 1}"])
+        return idx % self.n_layers
 
-def layer_standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm without γ and β."""
-    return nn.functional.layer_norm(x, norm.normalized_shape, None, None, norm.eps)
+    def taps(self, names: Sequence[str] | None, field_name: str = "taps") -> list[str]:
+        """Canonical taps in forward order; default: all but attention scores/probs (they cost a QKᵀ)."""
+        if names is None:
+            return [t for t in self.adapter.available() if t not in ATTENTION_TAPS]
+        require(len(names) > 0, field_name, "empty tap list", self.adapter.available())
+        wanted = {self.adapter.canonical(str(n), field_name) for n in names}
+        return [t for t in self.adapter.available() if t in wanted]

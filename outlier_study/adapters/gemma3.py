@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from outlier_study.adapters.base import ATTENTION, GATED_WEIGHTS, PAPER_ALIASES_GATED, Adapter, TapSpec
+from outlier_study.adapters.base import Adapter, NormSpec, TapSpec
+from outlier_study.adapters.gated import ATTN_READERS, MLP_READERS, WEIGHTS, gated_taps
+from outlier_study.adapters.taps import PAPER_ALIASES
 
 
 def gemma_standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -21,36 +23,20 @@ ADAPTER = Adapter(
     family="gemma3",
     model_types=("gemma3_text", "gemma3"),
     layers_path="model.layers",
-    aliases=PAPER_ALIASES_GATED,
+    final_norm="model.norm",
+    aliases=PAPER_ALIASES,
     gamma_offset=1.0,
     norms={
-        "attn": "input_layernorm",
-        "mlp": "pre_feedforward_layernorm",
-        "attn_post": "post_attention_layernorm",
-        "mlp_post": "post_feedforward_layernorm",
+        "attn": NormSpec("input_layernorm", "attn.norm", ATTN_READERS),
+        "mlp": NormSpec("pre_feedforward_layernorm", "mlp.norm", MLP_READERS),
+        "attn_post": NormSpec("post_attention_layernorm", "attn.post_norm"),
+        "mlp_post": NormSpec("post_feedforward_layernorm", "mlp.post_norm"),
     },
-    weights=GATED_WEIGHTS,
+    weights=WEIGHTS,
     taps={
-        "resid.pre": TapSpec("", "input"),
-        "attn.norm_std": TapSpec("input_layernorm", "input", gemma_standardize),
-        "attn.norm": TapSpec("input_layernorm", "output"),
-        "attn.q": TapSpec("self_attn.q_proj", "output"),
-        "attn.k": TapSpec("self_attn.k_proj", "output"),
-        "attn.v": TapSpec("self_attn.v_proj", "output"),
-        "attn.scores": ATTENTION,
-        "attn.probs": ATTENTION,
-        "attn.ctx": TapSpec("self_attn.o_proj", "input"),
-        "attn.out": TapSpec("self_attn.o_proj", "output"),
+        **gated_taps("input_layernorm", "pre_feedforward_layernorm", gemma_standardize),
         "attn.post_norm": TapSpec("post_attention_layernorm", "output"),
-        "resid.mid": TapSpec("pre_feedforward_layernorm", "input"),
-        "mlp.norm_std": TapSpec("pre_feedforward_layernorm", "input", gemma_standardize),
-        "mlp.norm": TapSpec("pre_feedforward_layernorm", "output"),
-        "mlp.gate": TapSpec("mlp.gate_proj", "output"),
-        "mlp.up": TapSpec("mlp.up_proj", "output"),
-        "mlp.act": TapSpec("mlp.act_fn", "output"),
-        "mlp.hidden": TapSpec("mlp.down_proj", "input"),
-        "mlp.out": TapSpec("mlp.down_proj", "output"),
         "mlp.post_norm": TapSpec("post_feedforward_layernorm", "output"),
-        "resid.post": TapSpec("", "output"),
     },
+    rotation_blocker="its sandwich norms sit on the residual branches, so γ cannot be folded into readers",
 )

@@ -1,21 +1,20 @@
-"""GPT-2: pre-LayerNorm (with β), fused c_attn, GeLU MLP without an up projection."""
+"""GPT-2: pre-LayerNorm (with β), fused c_attn (q, k, v as thirds), GeLU MLP without an up projection."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from outlier_study.adapters.base import (
-    ATTENTION,
-    PAPER_ALIASES_GATED,
-    Adapter,
-    TapSpec,
-    WeightSpec,
-    layer_standardize,
-)
+from outlier_study.adapters.base import ATTENTION, Adapter, Derive, NormSpec, TapSpec, WeightSpec
+from outlier_study.adapters.taps import PAPER_ALIASES
 
 
-def _third(index: int) -> object:
+def layer_standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without γ and β."""
+    return nn.functional.layer_norm(x, norm.normalized_shape, None, None, norm.eps)
+
+
+def _third(index: int) -> Derive:
     def derive(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x.chunk(3, dim=-1)[index]
 
@@ -23,14 +22,18 @@ def _third(index: int) -> object:
 
 
 # The paper calls GPT-2's c_proj input "y4" in its GPT-2 tables and "y6" in Table 2.
-GPT2_ALIASES = {k: v for k, v in PAPER_ALIASES_GATED.items() if v != "mlp.up"} | {"y4": "mlp.hidden"}
+GPT2_ALIASES = {k: v for k, v in PAPER_ALIASES.items() if v != "mlp.up"} | {"y4": "mlp.hidden"}
 
 ADAPTER = Adapter(
     family="gpt2",
     model_types=("gpt2",),
     layers_path="transformer.h",
+    final_norm="transformer.ln_f",
     aliases=GPT2_ALIASES,
-    norms={"attn": "ln_1", "mlp": "ln_2"},
+    norms={
+        "attn": NormSpec("ln_1", "attn.norm", ("q", "k", "v")),
+        "mlp": NormSpec("ln_2", "mlp.norm", ("gate",)),
+    },
     weights={
         "q": WeightSpec("attn.c_attn", 0, 3),
         "k": WeightSpec("attn.c_attn", 1, 3),
@@ -43,9 +46,9 @@ ADAPTER = Adapter(
         "resid.pre": TapSpec("", "input"),
         "attn.norm_std": TapSpec("ln_1", "input", layer_standardize),
         "attn.norm": TapSpec("ln_1", "output"),
-        "attn.q": TapSpec("attn.c_attn", "output", _third(0)),  # type: ignore[arg-type]
-        "attn.k": TapSpec("attn.c_attn", "output", _third(1)),  # type: ignore[arg-type]
-        "attn.v": TapSpec("attn.c_attn", "output", _third(2)),  # type: ignore[arg-type]
+        "attn.q": TapSpec("attn.c_attn", "output", _third(0)),
+        "attn.k": TapSpec("attn.c_attn", "output", _third(1)),
+        "attn.v": TapSpec("attn.c_attn", "output", _third(2)),
         "attn.scores": ATTENTION,
         "attn.probs": ATTENTION,
         "attn.ctx": TapSpec("attn.c_proj", "input"),
@@ -59,4 +62,5 @@ ADAPTER = Adapter(
         "mlp.out": TapSpec("mlp.c_proj", "output"),
         "resid.post": TapSpec("", "output"),
     },
+    rotation_blocker="its LayerNorm subtracts the mean, which does not commute with a rotation",
 )

@@ -2,41 +2,32 @@
 
 from __future__ import annotations
 
-from outlier_study.adapters.base import (
-    ATTENTION,
-    GATED_WEIGHTS,
-    PAPER_ALIASES_GATED,
-    Adapter,
-    TapSpec,
-    rms_standardize,
-)
+import torch
+from torch import nn
+
+from outlier_study.adapters.base import Adapter, NormSpec
+from outlier_study.adapters.gated import ATTN_READERS, MLP_READERS, WEIGHTS, gated_taps
+from outlier_study.adapters.taps import PAPER_ALIASES
+
+
+def rms_standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm without γ, computed as the HF Llama-style norm does before its weight multiply."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return h.to(x.dtype)
+
 
 ADAPTER = Adapter(
     family="llama",
     model_types=("llama", "qwen2", "mistral"),
     layers_path="model.layers",
-    aliases=PAPER_ALIASES_GATED,
-    norms={"attn": "input_layernorm", "mlp": "post_attention_layernorm"},
-    weights=GATED_WEIGHTS,
-    taps={
-        "resid.pre": TapSpec("", "input"),
-        "attn.norm_std": TapSpec("input_layernorm", "input", rms_standardize),
-        "attn.norm": TapSpec("input_layernorm", "output"),
-        "attn.q": TapSpec("self_attn.q_proj", "output"),
-        "attn.k": TapSpec("self_attn.k_proj", "output"),
-        "attn.v": TapSpec("self_attn.v_proj", "output"),
-        "attn.scores": ATTENTION,
-        "attn.probs": ATTENTION,
-        "attn.ctx": TapSpec("self_attn.o_proj", "input"),
-        "attn.out": TapSpec("self_attn.o_proj", "output"),
-        "resid.mid": TapSpec("post_attention_layernorm", "input"),
-        "mlp.norm_std": TapSpec("post_attention_layernorm", "input", rms_standardize),
-        "mlp.norm": TapSpec("post_attention_layernorm", "output"),
-        "mlp.gate": TapSpec("mlp.gate_proj", "output"),
-        "mlp.up": TapSpec("mlp.up_proj", "output"),
-        "mlp.act": TapSpec("mlp.act_fn", "output"),
-        "mlp.hidden": TapSpec("mlp.down_proj", "input"),
-        "mlp.out": TapSpec("mlp.down_proj", "output"),
-        "resid.post": TapSpec("", "output"),
+    final_norm="model.norm",
+    aliases=PAPER_ALIASES,
+    norms={
+        "attn": NormSpec("input_layernorm", "attn.norm", ATTN_READERS),
+        "mlp": NormSpec("post_attention_layernorm", "mlp.norm", MLP_READERS),
     },
+    weights=WEIGHTS,
+    taps=gated_taps("input_layernorm", "post_attention_layernorm", rms_standardize),
 )

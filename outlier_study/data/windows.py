@@ -9,11 +9,8 @@ from typing import Any
 
 import torch
 
-from outlier_study.data.corpus import enum_value, load_corpus
+from outlier_study.data.corpus import load_corpus
 from outlier_study.errors import ConfigError, require
-
-SAMPLINGS: tuple[str, ...] = ("contiguous", "random")
-BOS_POLICIES: tuple[str, ...] = ("none", "prepend")
 
 
 @dataclass
@@ -23,6 +20,7 @@ class Windows:
     input_ids: torch.Tensor  # (n_windows, seq_len) int64
     starts: list[int]  # offset of each window's first text token in the tokenized corpus
     protocol: dict[str, Any]  # dataset, split, seq_len, sampling, seed, bos, corpus size and sha256
+    corpus_ids: torch.Tensor  # the whole tokenized corpus, so calibration windows come from the same text
 
 
 # The last tokenization, reused while the same tokenizer object sees the same text again: the jobs of an
@@ -42,18 +40,11 @@ def tokenize_corpus(text: str, tokenizer: Any) -> torch.Tensor:
     return ids
 
 
-def _check_shape(seq_len: int, n_windows: int) -> None:
-    require(seq_len > 0, "dataset.seq_len", f"must be positive, got {seq_len}")
-    require(n_windows > 0, "dataset.n_windows", f"must be positive, got {n_windows}")
-
-
 def make_windows(
     ids: torch.Tensor, seq_len: int, n_windows: int, sampling: str, seed: int, bos_id: int | None
 ) -> tuple[torch.Tensor, list[int]]:
     """Cut `n_windows` windows of exactly `seq_len` ids; with `bos_id`, BOS then seq_len-1 text ids."""
-    _check_shape(seq_len, n_windows)
-    sampling = enum_value(sampling)
-    require(sampling in SAMPLINGS, "dataset.sampling", f"unknown sampling {sampling!r}", allowed=SAMPLINGS)
+    sampling = str(sampling)
     ids = ids.reshape(-1).long()
     n_tokens = int(ids.numel())
     text_len = seq_len - 1 if bos_id is not None else seq_len
@@ -81,51 +72,41 @@ def make_windows(
     return rows, starts
 
 
-def build_windows(cfg: Any, tokenizer: Any, max_context: int | None) -> Windows:
-    """Validate the dataset config, load and tokenize the corpus, cut the windows the protocol asks for."""
-    seq_len, n_windows, batch_size = int(cfg.seq_len), int(cfg.n_windows), int(cfg.batch_size)
-    _check_shape(seq_len, n_windows)
-    if max_context is not None:
-        require(
-            seq_len <= max_context,
-            "dataset.seq_len",
-            f"{seq_len} exceeds the model's context of {max_context} positions",
-        )
-    require(batch_size > 0, "dataset.batch_size", f"must be positive, got {batch_size}")
-    sampling = enum_value(cfg.sampling)
-    require(sampling in SAMPLINGS, "dataset.sampling", f"unknown sampling {sampling!r}", allowed=SAMPLINGS)
-    bos = enum_value(cfg.bos)
-    require(bos in BOS_POLICIES, "dataset.bos", f"unknown BOS policy {bos!r}", allowed=BOS_POLICIES)
+def build_windows(cfg: Any, tokenizer: Any, text: str | None = None) -> Windows:
+    """Tokenize the corpus text (read from the dataset config when not given) and cut the windows the
+    dataset config (already validated) asks for."""
+    if text is None:
+        text = load_corpus(cfg)
+    seq_len, n_windows = int(cfg.seq_len), int(cfg.n_windows)
+    bos = str(cfg.bos)
     bos_id: int | None = None
     if bos == "prepend":
         bos_id = getattr(tokenizer, "bos_token_id", None)
         if bos_id is None:
             raise ConfigError(
-                "dataset.bos", "'prepend' needs a tokenizer with a BOS token; this one has none", BOS_POLICIES
+                "dataset.bos", "'prepend' needs a tokenizer with a BOS token; this one has none", ["none"]
             )
-
-    text = load_corpus(cfg)
     ids = tokenize_corpus(text, tokenizer)
     seed = int(cfg.seed)
-    input_ids, starts = make_windows(ids, seq_len, n_windows, sampling, seed, bos_id)
+    input_ids, starts = make_windows(ids, seq_len, n_windows, str(cfg.sampling), seed, bos_id)
     protocol: dict[str, Any] = {
-        "dataset": enum_value(cfg.name),
+        "dataset": str(cfg.name),
         "path": None if getattr(cfg, "path", None) is None else str(cfg.path),
         "split": str(cfg.split),
         "seq_len": seq_len,
         "n_windows": n_windows,
-        "sampling": sampling,
+        "sampling": str(cfg.sampling),
         "seed": seed,
         "bos": bos,
         "bos_id": bos_id,
-        "batch_size": batch_size,
+        "batch_size": int(cfg.batch_size),
         "max_chars": getattr(cfg, "max_chars", None),
         "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
         "n_corpus_tokens": int(ids.numel()),
         "n_corpus_chars": len(text),
         "corpus_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
     }
-    return Windows(input_ids=input_ids, starts=starts, protocol=protocol)
+    return Windows(input_ids=input_ids, starts=starts, protocol=protocol, corpus_ids=ids)
 
 
 def disjoint_starts(
@@ -150,20 +131,18 @@ def disjoint_starts(
         f"the corpus has room for only {len(candidates)} windows of {text_len} tokens disjoint from the "
         f"evaluation windows, {n_windows} asked; lower it, dataset.n_windows or dataset.seq_len",
     )
-    if enum_value(sampling) == "random":
+    if str(sampling) == "random":
         return sorted(random.Random(seed).sample(candidates, n_windows))
     return candidates[:n_windows]
 
 
-def build_calibration_windows(
-    cfg: Any, tokenizer: Any, evaluation: Windows, n_windows: int, field: str = "method.calib_windows"
-) -> Windows:
+def calibration_windows(evaluation: Windows, n_windows: int, field: str = "method.calib_windows") -> Windows:
     """Calibration windows from the same corpus and protocol as `evaluation` (same seq_len and BOS policy),
     disjoint from every evaluation window, so a calibrated method never sees the text it is scored on."""
     protocol = evaluation.protocol
     bos_id = protocol["bos_id"]
     text_len = int(protocol["seq_len"]) - (1 if bos_id is not None else 0)
-    ids = tokenize_corpus(load_corpus(cfg), tokenizer)
+    ids = evaluation.corpus_ids
     starts = disjoint_starts(
         int(ids.numel()),
         evaluation.starts,
@@ -177,4 +156,4 @@ def build_calibration_windows(
     if bos_id is not None:
         rows = torch.cat([torch.full((n_windows, 1), int(bos_id), dtype=torch.long), rows], dim=1)
     calib = {**protocol, "n_windows": n_windows, "role": "calibration, disjoint from the evaluation windows"}
-    return Windows(input_ids=rows, starts=starts, protocol=calib)
+    return Windows(input_ids=rows, starts=starts, protocol=calib, corpus_ids=ids)

@@ -1,4 +1,4 @@
-"""True vs fake massive activations: which sublayer put each residual-stream MA there (DESIGN §3).
+"""True vs fake massive activations: which sublayer put each residual-stream MA there.
 
 An MA in the residual stream after a sublayer (resid.mid after attention, resid.post after the MLP) is a
 TMA when that sublayer's own output is an MA at the same (token, channel) — the residual before and after

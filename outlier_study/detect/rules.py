@@ -1,50 +1,49 @@
-"""Which channels to look at or edit: COs per (layer, tap), OTC rows, k-SD weight channels, random controls.
-
-Pure functions of summaries and weights, so the experiments and interventions share one definition each.
-"""
+"""The channel rules: channel-wise outliers (CO), outlier-triggering rows (OTC), k-SD channels, and the
+random control of a selection. Pure functions of summaries and weights, one body each, shared by the
+experiments, interventions and quantization methods."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from outlier_study.errors import ConfigError, require
-from outlier_study.measure.profiler import ChannelsByTap
-from outlier_study.stats.channels import channel_outliers
+from outlier_study.errors import ConfigError
+from outlier_study.stats.channels import ChannelSummary
 
 # The activation each weight writes (its output channels), for OTC: row j of W_q makes channel j of x3.
 OTC_OUTPUT_TAP: dict[str, str] = {"q": "attn.q", "k": "attn.k", "v": "attn.v"}
 OTC_INPUT_TAP = "attn.norm"
-STATISTICS: tuple[str, ...] = ("absmean", "mean", "absmax", "l2")
 
 Selection = dict[tuple[int, str], np.ndarray]
 
-
-def check_co_threshold(m: float, beta: float) -> None:
-    require(m > 0, "threshold.m", f"must be > 0, got {m}")
-    require(beta > 0, "threshold.beta", f"must be > 0, got {beta}")
-
-
-def check_sd_levels(levels: Sequence[float]) -> list[float]:
-    out = [float(k) for k in levels]
-    require(bool(out), "threshold.sd", "needs at least one level, e.g. [6,4,2]")
-    for k in out:
-        require(k > 0, "threshold.sd", f"levels must be > 0, got {k}")
-    return out
+# One number per channel of a (channels, n) matrix: the per-channel statistics of the k-SD rule.
+STATISTICS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "absmean": lambda w: w.abs().mean(dim=1),
+    "mean": lambda w: w.mean(dim=1),
+    "absmax": lambda w: w.abs().amax(dim=1),
+    "l2": lambda w: w.norm(dim=1),
+}
 
 
-def cos_by_key(summaries: ChannelsByTap, m: float, beta: float) -> Selection:
+def channel_outliers(summary: ChannelSummary, m: float, beta: float) -> np.ndarray:
+    """Channels j with mean_j − mean(A) > m·σ(A) and std_j < β: a shifted, steady channel.
+
+    The rule is one-sided as the paper writes it; with signed means a channel shifted downwards is not a
+    CO, with `absolute` summaries it is (its |A| mean is high). Returns sorted channel indices."""
+    with np.errstate(invalid="ignore"):
+        hit = (summary.mean - summary.tensor_mean > m * summary.tensor_std) & (summary.std < beta)
+    return np.flatnonzero(hit)
+
+
+def cos_by_key(summaries: Mapping[tuple[int, str], ChannelSummary], m: float, beta: float) -> Selection:
     """CO channel indices of every profiled (layer, tap)."""
-    check_co_threshold(m, beta)
     return {key: channel_outliers(s, m, beta) for key, s in summaries.items()}
 
 
-def otc_rows(
-    cos: Selection, layers: Sequence[int], matrices: Sequence[str], field_name: str = "experiment.matrices"
-) -> Selection:
-    """Rows j of W_q/W_k/W_v whose output channel j is a CO while input channel j of x2 is not (DESIGN §3).
+def otc_rows(cos: Selection, layers: Sequence[int], matrices: Sequence[str], field_name: str) -> Selection:
+    """Rows j of W_q/W_k/W_v whose output channel j is a CO while input channel j of x2 is not.
 
     Output channels past the width of x2 (wide q projections, e.g. Gemma3) have no input channel j, which
     counts as "not a CO"."""
@@ -62,22 +61,12 @@ def otc_rows(
 def channel_statistic(view: torch.Tensor, statistic: str, axis: str) -> np.ndarray:
     """One number per channel of an (out, in) weight view (axis out: per row; in: per column) or of a
     1-D γ (its entries)."""
-    if statistic not in STATISTICS:
-        raise ConfigError("experiment.statistic", f"unknown statistic '{statistic}'", allowed=STATISTICS)
     w = view.detach().float()
     if w.dim() == 1:
         w = w[:, None]
     elif axis == "in":
         w = w.t()
-    if statistic == "absmean":
-        s = w.abs().mean(dim=1)
-    elif statistic == "mean":
-        s = w.mean(dim=1)
-    elif statistic == "absmax":
-        s = w.abs().amax(dim=1)
-    else:
-        s = w.norm(dim=1)
-    return s.double().cpu().numpy()
+    return STATISTICS[str(statistic)](w).double().cpu().numpy()
 
 
 def sd_channels(values: np.ndarray, k: float) -> np.ndarray:

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from outlier_study.output import figures as plotting, stat_tables as report
+from outlier_study.config.options import opt
 from outlier_study.context import Context
-from outlier_study.measure.profiler import Profile, capture_abs_slice, profile_windows
-from outlier_study.output.files import markdown_table, write_csv, write_figure, write_npz, write_text
+from outlier_study.experiments.base import experiment
+from outlier_study.experiments.common import Plot3DOptions, check_plot3d, profile, token_text
+from outlier_study.measure.profiler import Profile, capture_abs_slice
+from outlier_study.output import figures
+from outlier_study.output import stat_tables as report
+from outlier_study.output.files import write_csv, write_figure, write_npz
+from outlier_study.output.summary import NONFINITE_HEADER, TRACK_HEADER, ma_tracks, nonfinite_rows
+from outlier_study.output.tables import Table, to_markdown, write_table
 
 
-def token_text(tokenizer: Any, token_id: int) -> str:
-    """A token's text with whitespace made visible, for tables and plot labels."""
-    return tokenizer.decode([token_id]).replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+@dataclass
+class ProfileOptions:
+    name: str = opt("profile", "per-layer statistics at every tap")
+    summary_top: int = opt(10, "strongest MAs printed at the end", ge=1)
+    plot3d: Plot3DOptions = opt(Plot3DOptions(), "the Fig. 6-style 3-D plot")
 
 
 def write_profile_tables(ctx: Context, prof: Profile) -> list[tuple[object, ...]]:
     """layer_stats.csv, topk.csv and channels.npz; returns the top-k rows for the summary."""
-    th = ctx.cfg.threshold
+    th = ctx.threshold
     write_csv(ctx.job_dir / "layer_stats.csv", report.LAYER_STATS_HEADER, report.layer_stat_rows(prof.stats))
     rows = report.topk_rows(
         prof.stats,
@@ -36,7 +46,7 @@ def write_profile_tables(ctx: Context, prof: Profile) -> list[tuple[object, ...]
 
 def write_layer_figure(ctx: Context, prof: Profile) -> None:
     """Fig. 4/5-style per-layer top-k |a| for every profiled tap, one panel each."""
-    k = ctx.cfg.threshold.top_k
+    k = ctx.threshold.top_k
     panels = {}
     for tap in prof.taps:
         tops = np.full((len(prof.layers), k), np.nan)
@@ -44,25 +54,24 @@ def write_layer_figure(ctx: Context, prof: Profile) -> None:
             tops[i, : len(prof.stats[(layer, tap)].top)] = [e.abs for e in prof.stats[(layer, tap)].top]
         panels[tap] = (tops, [prof.stats[(layer, tap)].median_abs for layer in prof.layers])
     title = f"{ctx.cfg.model.name}: top-{k} |a| and median per layer"
-    write_figure(ctx.figures_dir / "layer_tops.png", plotting.layer_tops_figure(prof.layers, panels, title))
+    write_figure(ctx.figures_dir / "layer_tops.png", figures.layer_tops_figure(prof.layers, panels, title))
 
 
 def write_surface_figure(ctx: Context, prof: Profile) -> None:
     """Fig. 6-style 3-D |a| at the configured (or strongest) layer of the configured tap."""
     p3 = ctx.cfg.experiment.plot3d
-    tap = ctx.lm.adapter.canonical(p3.tap)
+    tap = ctx.lm.adapter.canonical(p3.tap, "experiment.plot3d.tap")
     if tap not in prof.taps:
         return
-    layer = p3.layer
+    layer = ctx.lm.arch.layer(p3.layer, "experiment.plot3d.layer") if p3.layer is not None else None
     if layer is None:
         layer = max(prof.layers, key=lambda lay: np.nan_to_num(prof.stats[(lay, tap)].max_abs, nan=-1.0))
-    window = ctx.windows.input_ids[min(p3.window, ctx.windows.input_ids.shape[0] - 1)]
+    window = ctx.windows.input_ids[int(p3.window)]
     values = capture_abs_slice(ctx.lm, window, int(layer), tap, p3.max_tokens)
     labels = [token_text(ctx.lm.tokenizer, int(t)) for t in window[: values.shape[0]]]
     title = f"{ctx.cfg.model.name}: |{tap}| at layer {layer}"
     write_figure(
-        ctx.figures_dir / f"surface_{tap}_layer{layer}.png",
-        plotting.abs_surface_figure(values, labels, title),
+        ctx.figures_dir / f"surface_{tap}_layer{layer}.png", figures.abs_surface_figure(values, labels, title)
     )
 
 
@@ -76,36 +85,46 @@ def ma_summary(rows: list[tuple[object, ...]], limit: int) -> tuple[list[str], l
     ]
 
 
+@experiment(
+    "profile",
+    ProfileOptions,
+    paper="",
+    description="per-layer statistics at every tap: top-k |a| with positions, medians, MA counts, "
+    "per-channel moments, kurtosis, inf/nan counts; Fig. 4/5- and Fig. 6-style plots",
+    check=lambda o, cfg, arch: check_plot3d(o.plot3d, cfg, arch),
+)
 def run(ctx: Context) -> dict[str, Any]:
-    cfg = ctx.cfg
-    th = cfg.threshold
+    th = ctx.threshold
     t0 = time.perf_counter()
-    prof = profile_windows(
-        ctx.lm,
-        ctx.windows.input_ids,
-        ctx.taps,
-        ctx.layers,
-        top_k=th.top_k,
-        ma_abs=th.ma_abs,
-        ma_ratio=th.ma_ratio,
-        batch_size=cfg.dataset.batch_size,
-        progress=cfg.progress,
-    )
+    prof = profile(ctx, ctx.taps)
     seconds = time.perf_counter() - t0
     rows = write_profile_tables(ctx, prof)
     write_layer_figure(ctx, prof)
     write_surface_figure(ctx, prof)
-    header, summary = ma_summary(rows, cfg.experiment.summary_top)
-    write_text(ctx.tables_dir / "massive_activations.md", markdown_table(header, summary))
-    write_csv(ctx.tables_dir / "massive_activations.csv", header, summary)
-
+    header, summary = ma_summary(rows, ctx.cfg.experiment.summary_top)
+    write_table(ctx.tables_dir, Table.of("massive_activations", header, summary))
+    tracks = ma_tracks([dict(zip(report.TOPK_HEADER, r, strict=True)) for r in rows])
+    track_rows = [t.row() for t in tracks]
+    write_table(ctx.tables_dir, Table.of("ma_tracks", TRACK_HEADER, track_rows))
     print(
-        f"\nStrongest massive activations (|a| > {th.ma_abs:g} and ≥ {th.ma_ratio:g}× median; layers from 0):"
+        f"\nMassive activations (|a| > {th.ma_abs:g} and ≥ {th.ma_ratio:g}× median; layers from 0), "
+        "each followed through the layers that carry it:"
     )
-    print(markdown_table(header, summary) if summary else "  none found\n")
-    overflow = report.nonfinite_summary(prof.stats)
-    if overflow:
-        print("WARNING: " + overflow)
+    if tracks:
+        print(to_markdown(Table.of("ma_tracks", TRACK_HEADER, track_rows[: ctx.cfg.experiment.summary_top])))
+    else:
+        print("  none found\n")
+    nonfinite = nonfinite_rows(prof.stats)
+    if nonfinite:  # written only when there is something to say, like the warning
+        table = write_table(ctx.tables_dir, Table.of("nonfinite", NONFINITE_HEADER, nonfinite))
+        inf, nan = sum(r[3] for r in nonfinite), sum(r[4] for r in nonfinite)
+        print(
+            f"warning: {inf} inf and {nan} nan activations at {len(nonfinite)} tap(s) (overflow of "
+            f"{ctx.cfg.dtype}); the statistics leave them out: tables/nonfinite.md",
+            file=sys.stderr,
+        )
+        print("Non-finite activations per tap (layers from 0):")
+        print(table)
     stats = prof.stats.values()
     finite_max = [s.max_abs for s in stats if np.isfinite(s.max_abs)]
     return {
@@ -118,4 +137,5 @@ def run(ctx: Context) -> dict[str, Any]:
         "inf_count_total": int(sum(s.inf_count for s in prof.stats.values())),
         "n_taps": len(prof.taps),
         "n_layers": len(prof.layers),
+        **{f"nonfinite.{r[0]}.{kind}": r[i] for r in nonfinite for i, kind in ((3, "inf"), (4, "nan"))},
     }

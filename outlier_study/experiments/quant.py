@@ -10,22 +10,47 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
+from outlier_study.adapters.base import Arch
+from outlier_study.config.options import opt
 from outlier_study.context import Context
-from outlier_study.data.windows import build_calibration_windows
+from outlier_study.data.windows import calibration_windows
+from outlier_study.detect.select import detect_cos
 from outlier_study.errors import require
-from outlier_study.experiments.perplexity_tables import protocol
-from outlier_study.interventions.channel_edits import detect_cos
+from outlier_study.experiments.base import experiment
+from outlier_study.experiments.common import profile, record_perplexity
+from outlier_study.interventions.treatment import Inputs
+from outlier_study.measure.forward import forward_windows
 from outlier_study.measure.perplexity import evaluate_perplexity
-from outlier_study.measure.profiler import Profile, forward_windows, profile_windows
+from outlier_study.measure.profiler import Profile
+from outlier_study.output.figures import quant_error_figure
+from outlier_study.output.files import write_figure, write_json
+from outlier_study.output.tables import Table, write_table
 from outlier_study.quant.error import quant_error
 from outlier_study.quant.fake import fake_quant, spec_from_config
-from outlier_study.quant.methods import MethodInputs, get_method
-from outlier_study.quant.plots import quant_error_figure
-from outlier_study.output.files import write_figure, write_json, write_table
+from outlier_study.quant.methods import METHODS
 
 LINEAR_INPUT_TAPS: tuple[str, ...] = ("attn.norm", "attn.ctx", "mlp.norm", "mlp.hidden")
+
+
+@dataclass
+class QuantOptions:
+    name: str = opt("quant", "perplexity under fake quantization with one outlier method")
+    diag_windows: int = opt(
+        2, "evaluation windows used for the per-layer error and the kurtosis profile", ge=1
+    )
+
+
+def _check(options: Any, cfg: Any, arch: Arch) -> None:
+    n = int(cfg.dataset.n_windows)
+    require(
+        int(options.diag_windows) <= n,
+        "experiment.diag_windows",
+        f"{options.diag_windows} diagnostic windows asked, the job has {n} (dataset.n_windows)",
+        [f"1..{n}"],
+    )
 
 
 def _kurtosis_taps(ctx: Context) -> list[str]:
@@ -36,19 +61,7 @@ def _kurtosis_taps(ctx: Context) -> list[str]:
 
 
 def _profile(ctx: Context, ids: Any, taps: list[str], desc: str) -> Profile:
-    th = ctx.cfg.threshold
-    return profile_windows(
-        ctx.lm,
-        ids,
-        taps,
-        ctx.layers,
-        top_k=1,
-        ma_abs=float(th.ma_abs),
-        ma_ratio=float(th.ma_ratio),
-        batch_size=int(ctx.cfg.dataset.batch_size),
-        progress=bool(ctx.cfg.progress),
-        desc=desc,
-    )
+    return profile(ctx, taps, ids=ids, top_k=1, desc=desc)
 
 
 def _co_layers(ctx: Context, ids: Any, taps: list[str]) -> list[int]:
@@ -83,9 +96,7 @@ def _mean(values: list[float]) -> float:
 
 def _calibration(ctx: Context) -> tuple[Any, dict[str, Any] | None]:
     """Calibration windows disjoint from the evaluation windows (recorded in calibration.json)."""
-    n_calib = int(ctx.cfg.method.calib_windows)
-    require(n_calib >= 1, "method.calib_windows", f"must be >= 1, got {n_calib}")
-    calib = build_calibration_windows(ctx.cfg.dataset, ctx.lm.tokenizer, ctx.windows, n_calib)
+    calib = calibration_windows(ctx.windows, int(ctx.cfg.method.calib_windows))
     record = {**calib.protocol, "starts": calib.starts}
     write_json(ctx.job_dir / "calibration.json", record)
     return calib.input_ids, record
@@ -102,18 +113,15 @@ def _write_tables(
 ) -> str:
     """tables/quant (the cell), quant_error (per linear) and kurtosis (per layer × tap); returns the cell."""
     cell = write_table(
-        ctx.tables_dir, "quant", ["dataset", "method", label], [[ctx.cfg.dataset.name, method, f"{ppl:.3f}"]]
-    )
-    write_table(
         ctx.tables_dir,
-        "quant_error",
-        ["layer", "linear", "rel_error"],
-        [[layer, path, f"{err:.6g}"] for (layer, path), err in errors.items()],
+        Table.of("quant", ["dataset", "method", label], [[ctx.cfg.dataset.name, method, f"{ppl:.3f}"]]),
     )
+    error_rows = [[layer, path, f"{err:.6g}"] for (layer, path), err in errors.items()]
+    write_table(ctx.tables_dir, Table.of("quant_error", ["layer", "linear", "rel_error"], error_rows))
     header = ["layer", "tap", "kurtosis_before", "kurtosis_after", "max_abs_before", "max_abs_after"]
     header += ["ma_count_before", "ma_count_after"]
     rows = [[*r[:2], *(f"{v:.6g}" for v in r[2:6]), *r[6:]] for r in _kurtosis_rows(before, after)]
-    write_table(ctx.tables_dir, "kurtosis", header, rows)
+    write_table(ctx.tables_dir, Table.of("kurtosis", header, rows))
     return cell
 
 
@@ -147,28 +155,33 @@ def _error_figure(
     write_figure(ctx.figures_dir / "quant_error.png", fig)
 
 
+@experiment(
+    "quant",
+    QuantOptions,
+    paper="",
+    description="perplexity under fake quantization (quant group) with one outlier method (method group); "
+    "per-layer relative quantization error of every linear; activation kurtosis before/after the method",
+    check=_check,
+    uses=("quant", "method"),
+)
 def run(ctx: Context) -> dict[str, Any]:
     cfg, lm = ctx.cfg, ctx.lm
     spec = spec_from_config(cfg.quant)
     method_name = str(cfg.method.name)
-    method = get_method(method_name)
-    if method.check is not None:
-        method.check(lm, cfg.method)
-    n_diag = int(cfg.experiment.diag_windows)
-    require(n_diag >= 1, "experiment.diag_windows", f"must be >= 1, got {n_diag}")
-    diag_ids = ctx.windows.input_ids[:n_diag]
+    method = METHODS.get(method_name)
+    diag_ids = ctx.windows.input_ids[: int(cfg.experiment.diag_windows)]
     batch_size, progress = int(cfg.dataset.batch_size), bool(cfg.progress)
     calibration, calib_record = _calibration(ctx) if method.calibrated else (None, None)
 
     taps = _kurtosis_taps(ctx)
     before = _profile(ctx, diag_ids, taps, "kurtosis (original)")
     co_layers = _co_layers(ctx, diag_ids, taps)
-    inputs = MethodInputs(lm, cfg.method, cfg.threshold, calibration, batch_size, progress)
-    with method.apply(inputs) as record:
+    inputs = Inputs(lm, cfg.method, ctx.threshold, calibration, batch_size, progress)
+    with method.apply(inputs) as change:
         with fake_quant(lm, spec):
             desc = f"perplexity ({method_name}, {spec.label})"
             result = evaluate_perplexity(lm, ctx.windows.input_ids, batch_size, progress, desc)
-        method_summary = record.summary()  # before the diagnostics add to any per-pass counts
+        method_summary = change.summary("method", detail=False)  # before the diagnostics add to its counts
         after = (
             before if method_name == "none" else _profile(ctx, diag_ids, taps, f"kurtosis ({method_name})")
         )
@@ -178,18 +191,12 @@ def run(ctx: Context) -> dict[str, Any]:
 
     cell = _write_tables(ctx, method_name, spec.label, result.ppl, errors, before, after)
     _error_figure(ctx, method_name, spec.label, errors, before, co_layers)
-    write_json(
-        ctx.job_dir / "perplexity.json",
-        {
-            **protocol(ctx),
-            **spec.summary(),
-            "method": method_name,
-            **method_summary,
-            "ppl": result.ppl,
-            "n_tokens": result.n_tokens,
-            "calibration_starts": None if calib_record is None else calib_record["starts"],
-            "co_layers": co_layers,
-        },
+    setting = {**spec.summary(), "method": method_name, **method_summary}
+    record_perplexity(
+        ctx,
+        {f"{method_name} {spec.label}": (result, change.total, setting)},
+        calibration_starts=None if calib_record is None else calib_record["starts"],
+        co_layers=co_layers,
     )
     print(f"\nquantization ({cfg.model.name}, {cfg.dataset.name}, token-level perplexity):")
     print(cell)

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import astuple, fields
+from dataclasses import astuple, dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from outlier_study.detect.attribution import MAEvent, attribute, first_appearance, tma_by_layer
+from outlier_study.config.options import opt
 from outlier_study.context import Context
-from outlier_study.measure.profiler import forward_windows
-from outlier_study.output.files import write_csv, write_table
+from outlier_study.detect.attribution import MAEvent, attribute, first_appearance, tma_by_layer
+from outlier_study.experiments.base import experiment
+from outlier_study.measure.forward import forward_windows
+from outlier_study.output.files import write_csv
+from outlier_study.output.tables import Table, write_table
 
 HEADER = ["layer", "top-1 TMA", "top-1 (token, channel)", "top-2 TMA", "top-2 (token, channel)", "windows"]
 
 
+@dataclass
+class Table1Options:
+    name: str = opt("table1", "true vs fake massive activations in the residual stream")
+
+
 def collect_events(ctx: Context, layers: list[int]) -> list[MAEvent]:
-    th = ctx.cfg.threshold
+    th = ctx.threshold
     with attribute(ctx.lm, layers, th.ma_abs, th.ma_ratio) as att:
         bs = ctx.cfg.dataset.batch_size
         forward_windows(ctx.lm, ctx.windows.input_ids, bs, ctx.cfg.progress, "attribution", att)
@@ -65,17 +73,25 @@ def lifecycle_rows(events: list[MAEvent]) -> list[list[Any]]:
     return rows
 
 
+@experiment(
+    "table1",
+    Table1Options,
+    paper="Table 1",
+    description="true (generated here) vs fake (carried) MAs in the residual stream: the top TMAs of the "
+    "first layers that generate them and of the last two layers; where each channel's MAs are born and "
+    "cancelled",
+)
 def run(ctx: Context) -> dict[str, Any]:
     events = collect_events(ctx, ctx.layers)
     write_csv(ctx.job_dir / "ma_events.csv", [f.name for f in fields(MAEvent)], [astuple(e) for e in events])
     n_windows = ctx.windows.input_ids.shape[0]
     rows = table1_rows(events, ctx.lm.n_layers, n_windows)
-    text = write_table(ctx.tables_dir, "table1", HEADER, rows)
+    text = write_table(ctx.tables_dir, Table.of("table1", HEADER, rows))
     print(
         f"\nTable 1 — top TMAs per layer (values averaged over windows; layers from 0), {ctx.cfg.model.name}:"
     )
     print(text)
-    life = write_table(ctx.tables_dir, "ma_lifecycle", LIFECYCLE_HEADER, lifecycle_rows(events))
+    life = write_table(ctx.tables_dir, Table.of("ma_lifecycle", LIFECYCLE_HEADER, lifecycle_rows(events)))
     print("Where residual MAs are generated and cancelled, per channel (counts over windows):")
     print(life)
     kinds = Counter(e.kind for e in events)

@@ -1,66 +1,40 @@
-"""Interventions chosen by the `intervention` config group; each is a context manager that leaves the model
-exactly as it found it (DESIGN §3), also when the body raises."""
+"""Interventions chosen by the `intervention` config group: each is a context manager that leaves the model
+exactly as it found it, also when the body raises, and yields a `Change` record."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
-import torch
+from outlier_study.config.options import opt
+from outlier_study.interventions import channels, massive, residual
+from outlier_study.interventions.record import Change, Unchanged
+from outlier_study.interventions.treatment import Inputs, Treatment
+from outlier_study.registry import Registry
 
-from outlier_study.errors import ConfigError
-from outlier_study.interventions.channel_edits import gamma_intervention, weight_channels_intervention
-from outlier_study.interventions.massive import InterventionLog, editable_taps, replace_massive
-from outlier_study.interventions.parameters import EditLog
-from outlier_study.interventions.residual import remove_residual_mas
 
-if TYPE_CHECKING:
-    from outlier_study.models.loader import LoadedModel
-
-INTERVENTIONS: tuple[str, ...] = ("none", "massive", "residual", "gamma", "weight_channels")
+@dataclass
+class NoneOptions:
+    name: str = opt("none", "measure the unmodified model")
 
 
 @contextmanager
-def intervention(
-    lm: LoadedModel,
-    cfg: Any,
-    threshold: Any,
-    input_ids: torch.Tensor | None = None,
-    progress: bool = False,
-    seed: int = 0,
-) -> Iterator[InterventionLog | EditLog | None]:
-    """Apply the intervention `cfg` (an InterventionConfig) with the thresholds of `threshold` for the block;
-    yields its log, or None for `none`. Channel selections that need activations (COs, OTC rows) are
-    detected on `input_ids`; random controls draw with `seed`."""
-    name = str(cfg.name)
-    if name == "none":
-        yield None
-        return
-    layers = None if cfg.layers is None else [int(i) for i in cfg.layers]
-    ma_abs, ma_ratio = float(threshold.ma_abs), float(threshold.ma_ratio)
-    if name == "massive":
-        with replace_massive(lm, str(cfg.tap), layers, str(cfg.value), ma_abs, ma_ratio) as log:
-            yield log
-    elif name == "residual":
-        with remove_residual_mas(lm, layers, str(cfg.value), ma_abs, ma_ratio) as log:
-            yield log
-    elif name == "gamma":
-        with gamma_intervention(lm, cfg, threshold, input_ids, progress, seed) as edit_log:
-            yield edit_log
-    elif name == "weight_channels":
-        with weight_channels_intervention(lm, cfg, threshold, input_ids, progress, seed) as edit_log:
-            yield edit_log
-    else:
-        raise ConfigError("intervention.name", f"unknown intervention '{name}'", allowed=INTERVENTIONS)
+def _none(inputs: Inputs) -> Iterator[Change]:
+    yield Unchanged()
 
 
-__all__ = [
-    "INTERVENTIONS",
-    "EditLog",
-    "InterventionLog",
-    "editable_taps",
-    "intervention",
-    "remove_residual_mas",
-    "replace_massive",
-]
+INTERVENTIONS: Registry[Treatment] = Registry("intervention", "intervention.name")
+INTERVENTIONS.add("none", Treatment(_none, NoneOptions, "the unmodified model"))
+INTERVENTIONS.add("massive", massive.TREATMENT)
+INTERVENTIONS.add("residual", residual.TREATMENT)
+INTERVENTIONS.add("gamma", channels.GAMMA)
+INTERVENTIONS.add("weight_channels", channels.WEIGHT_CHANNELS)
+
+
+def intervene(inputs: Inputs) -> contextmanager:  # type: ignore[valid-type]
+    """The configured intervention (inputs.options is the `intervention` node) for a `with` block."""
+    return INTERVENTIONS.get(inputs.options.name).apply(inputs)
+
+
+__all__ = ["INTERVENTIONS", "Change", "Inputs", "intervene"]

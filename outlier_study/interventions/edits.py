@@ -1,8 +1,10 @@
-"""Reversible weight edits: every method and fake quantization swaps tensors in and puts the originals back.
+"""Reversible edits of a model's parameters: everything an intervention or method changes comes back
+bit-exactly when its block exits, also when the block raises.
 
-A parameter's `.data` is replaced by a new tensor and the original tensor object is kept untouched, so the
-restore is bit-exact by construction (no copy, no arithmetic) and costs no time. Module attributes (e.g. an
-untied lm_head) are swapped the same way.
+Two kinds of edit, one restore: `set_data` swaps in a new tensor and keeps the original tensor object (a
+whole-matrix transform: no copy, no arithmetic on the way back); `set_entries` writes a few rows or columns
+in place and saves only those entries (editing q/k/v rows of every layer of an 8B model must not double its
+memory). Module attributes (e.g. an untied lm_head) are swapped like tensors.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from torch import nn
 
 
 class Edits:
-    """Records the first original of everything it replaces; `restore` puts them back in reverse order."""
+    """Records the first original of everything it changes; `restore` puts them back in reverse order."""
 
     def __init__(self) -> None:
         self._data: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
         self._attrs: list[tuple[nn.Module, str, Any]] = []
+        self._entries: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
 
     def set_data(self, param: nn.Parameter, value: torch.Tensor) -> None:
         """Give `param` new values (same shape); the original tensor object is kept for the restore."""
@@ -31,16 +34,26 @@ class Edits:
         self._data.setdefault(id(param), (param, param.data))
         param.data = value.detach().to(dtype=param.dtype, device=param.device).contiguous()
 
+    def set_entries(self, view: torch.Tensor, dim: int, index: torch.Tensor, value: torch.Tensor) -> None:
+        """view.index_copy_(dim, index, value) in place, after saving the entries it overwrites."""
+        self._entries.append((view, dim, index, view.detach().index_select(dim, index).clone()))
+        with torch.no_grad():
+            view.index_copy_(dim, index, value.to(view.dtype))
+
     def set_attr(self, module: nn.Module, name: str, value: Any) -> None:
         """Replace a module attribute (e.g. a Parameter, to untie a shared weight) for the block."""
         self._attrs.append((module, name, getattr(module, name)))
         setattr(module, name, value)
 
     def restore(self) -> None:
+        with torch.no_grad():
+            for view, dim, index, saved in reversed(self._entries):
+                view.index_copy_(dim, index, saved)
         for module, name, original in reversed(self._attrs):
             setattr(module, name, original)
         for param, original in reversed(list(self._data.values())):
             param.data = original
+        self._entries.clear()
         self._attrs.clear()
         self._data.clear()
 

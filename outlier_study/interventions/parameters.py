@@ -1,80 +1,27 @@
-"""Edits of weight entries (γ entries, weight rows or columns) that are undone bit-exactly.
+"""Edits of weight entries (γ entries, weight rows or columns), undone bit-exactly on exit.
 
-Only the touched entries are saved (an index_select copy), not whole matrices: editing q/k/v rows of every
-layer of an 8B model must not double its memory. Everything is validated before the first write, and the
-saved entries are copied back in `finally`, so an exception inside the block still restores the model.
+Everything is validated and every new value computed before the first write; the touched entries are
+saved by `Edits.set_entries` and copied back in `finally`, so an exception inside the block still restores
+the model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from outlier_study.adapters.base import Adapter
 from outlier_study.errors import ConfigError
+from outlier_study.interventions.edits import reversible
+from outlier_study.interventions.record import Edited
 
 if TYPE_CHECKING:
     from outlier_study.models.loader import LoadedModel
 
-GAMMA_VALUES: tuple[str, ...] = ("mean", "zero")
-WEIGHT_VALUES: tuple[str, ...] = ("channel_mean", "zero")
-AXES: tuple[str, ...] = ("out", "in")
-
 Key = tuple[int, str]  # (layer, norm key or weight name)
-
-
-@dataclass
-class EditLog:
-    """What an edit touched: channel indices per (layer, name); small enough for metrics.json."""
-
-    name: str
-    value: str
-    edited: dict[Key, list[int]] = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return sum(len(v) for v in self.edited.values())
-
-    def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"intervention.name": self.name, "intervention.value": self.value}
-        out["intervention.changed_total"] = self.total
-        by_name: dict[str, int] = {}
-        for (_, name), idx in self.edited.items():
-            by_name[name] = by_name.get(name, 0) + len(idx)
-        out.update({f"intervention.changed.{k}": v for k, v in sorted(by_name.items())})
-        return out
-
-
-def weight_view(adapter: Adapter, block: nn.Module, name: str) -> torch.Tensor:
-    """(out, in) view of a layer's weight `name`, sharing storage with the parameter (Conv1D is (in, out))."""
-    spec = adapter.weights[name]
-    module = block.get_submodule(spec.module)
-    weight = module.weight
-    view = weight if isinstance(module, nn.Linear) else weight.t()
-    rows = view.shape[0] // spec.parts
-    return view[spec.part * rows : (spec.part + 1) * rows]
-
-
-def gamma_param(adapter: Adapter, block: nn.Module, norm: str) -> torch.Tensor:
-    """The weight of a layer's norm `norm`; the norm scales by weight + adapter.gamma_offset."""
-    return block.get_submodule(adapter.norms[norm]).weight
-
-
-def check_value(value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ConfigError("intervention.value", f"unknown value '{value}'", allowed=allowed)
-    return value
-
-
-def check_axis(axis: str, field_name: str = "intervention.axis") -> str:
-    if axis not in AXES:
-        raise ConfigError(field_name, f"unknown axis '{axis}'", allowed=AXES)
-    return axis
+AXES: tuple[str, ...] = ("out", "in")
 
 
 def _index(idx: Sequence[int], size: int, key: Key) -> torch.Tensor:
@@ -86,61 +33,51 @@ def _index(idx: Sequence[int], size: int, key: Key) -> torch.Tensor:
     return index
 
 
-@contextmanager
-def _restoring(edits: list[tuple[torch.Tensor, int, torch.Tensor]]) -> Iterator[None]:
-    """Save the entries of every (2-D view, dim, index), yield, then copy them back whatever happened."""
-    saved = [(view, dim, index, view.index_select(dim, index).clone()) for view, dim, index in edits]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for view, dim, index, values in saved:
-                view.index_copy_(dim, index, values)
+def _record(name: str, value: str, channels: Mapping[Key, Sequence[int]]) -> Edited:
+    return Edited(name, str(value), {key: sorted({int(i) for i in idx}) for key, idx in channels.items()})
 
 
 @contextmanager
-def edit_gamma(lm: LoadedModel, channels: Mapping[Key, Sequence[int]], value: str) -> Iterator[EditLog]:
+def edit_gamma(lm: LoadedModel, channels: Mapping[Key, Sequence[int]], value: str) -> Iterator[Edited]:
     """Set γ entries (layer, norm) -> channels to the mean of that γ over all channels, or to zero.
 
     For Gemma3 γ = 1 + weight, so the weight is set to (target − 1)."""
-    value = check_value(value, GAMMA_VALUES)
-    adapter, blocks = lm.adapter, lm.adapter.layers(lm.model)
+    adapter, blocks = lm.adapter, lm.adapter.blocks(lm.model)
     plan = []
     for (layer, norm), idx in channels.items():
         adapter.norm_names(norm, "intervention.norm")
-        w = gamma_param(adapter, blocks[layer], norm)
+        w = adapter.gamma(blocks[layer], norm)
         index = _index(idx, w.shape[0], (layer, norm))
-        target = (w.float() + adapter.gamma_offset).mean() if value == "mean" else torch.zeros(())
-        plan.append((w.unsqueeze(0), index, (target - adapter.gamma_offset).to(w.dtype)))
-    log = EditLog("gamma", value, {key: sorted({int(i) for i in idx}) for key, idx in channels.items()})
-    with _restoring([(view, 1, index) for view, index, _ in plan]):
-        with torch.no_grad():
-            for view, index, fill in plan:
-                view[:, index] = fill
-        yield log
+        target = (
+            (w.float() + adapter.gamma_offset).mean()
+            if value == "mean"
+            else w.new_zeros((), dtype=torch.float32)
+        )
+        fill = (target - adapter.gamma_offset).to(w.dtype).expand(1, index.numel())
+        plan.append((w.unsqueeze(0), index, fill))
+    with reversible() as edits:
+        for view, index, fill in plan:
+            edits.set_entries(view, 1, index, fill)
+        yield _record("gamma", value, channels)
 
 
 @contextmanager
 def edit_weight_channels(
     lm: LoadedModel, channels: Mapping[Key, Sequence[int]], axis: str, value: str
-) -> Iterator[EditLog]:
+) -> Iterator[Edited]:
     """Set channels of weights, (layer, name) -> indices along `axis` of the (out, in) view, to each
     channel's own mean (a row mean for axis "out") or to zero. Biases are left alone."""
-    value = check_value(value, WEIGHT_VALUES)
-    dim = AXES.index(check_axis(axis))
-    adapter, blocks = lm.adapter, lm.adapter.layers(lm.model)
+    dim = AXES.index(str(axis))
+    adapter, blocks = lm.adapter, lm.adapter.blocks(lm.model)
     plan = []
     for (layer, name), idx in channels.items():
         adapter.weight_name(name, "intervention.matrices")
-        view = weight_view(adapter, blocks[layer], name)
-        plan.append((view, _index(idx, view.shape[dim], (layer, name))))
-    log = EditLog(
-        "weight_channels", value, {key: sorted({int(i) for i in idx}) for key, idx in channels.items()}
-    )
-    with _restoring([(view, dim, index) for view, index in plan]):
-        with torch.no_grad():
-            for view, index in plan:
-                part = view.index_select(dim, index)
-                fill = part.float().mean(dim=1 - dim, keepdim=True) if value == "channel_mean" else 0.0
-                view.index_copy_(dim, index, torch.zeros_like(part).add_(fill))
-        yield log
+        view = adapter.weight_view(blocks[layer], name)
+        index = _index(idx, view.shape[dim], (layer, name))
+        part = view.detach().index_select(dim, index)
+        fill = part.float().mean(dim=1 - dim, keepdim=True) if value == "channel_mean" else 0.0
+        plan.append((view, index, torch.zeros_like(part).add_(fill)))
+    with reversible() as edits:
+        for view, index, new in plan:
+            edits.set_entries(view, dim, index, new)
+        yield _record("weight_channels", value, channels)

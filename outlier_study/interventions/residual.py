@@ -11,7 +11,7 @@ a bf16 sum has already rounded the branches away).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,17 +19,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from outlier_study.adapters.base import TapSpec
-from outlier_study.interventions.massive import (
-    InterventionLog,
-    check_layers,
-    check_threshold,
-    check_value,
-    fill_value,
-    masked,
-)
+from outlier_study.config.options import opt
+from outlier_study.config.vocab import MAValue
+from outlier_study.interventions.massive import fill_value
+from outlier_study.interventions.record import Counted
+from outlier_study.interventions.treatment import Inputs, Treatment
+from outlier_study.measure.hooks import TensorFn, hook_module
+from outlier_study.stats.massive import masked
 
 if TYPE_CHECKING:
+    from outlier_study.adapters.base import Arch
     from outlier_study.models.loader import LoadedModel
 
 
@@ -44,33 +43,27 @@ class _Pending:
     branches: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 @contextmanager
 def remove_residual_mas(
-    lm: LoadedModel, layers: list[int] | None, value: str, ma_abs: float, ma_ratio: float
-) -> Iterator[InterventionLog]:
+    lm: LoadedModel, layers: Sequence[int] | None, value: str, ma_abs: float, ma_ratio: float
+) -> Iterator[Counted]:
     """At each layer in `layers`, replace the MAs of the layer input on the residual path by 0 or the window
     mean of that input; the attention and MLP sublayers still see the original input."""
-    value = check_value(value)
-    chosen = check_layers(lm, layers)
-    check_threshold(ma_abs, ma_ratio)
+    value = str(value)
+    chosen = lm.arch.layers(layers, "intervention.layers")
     adapter = lm.adapter
-    branch_specs: dict[str, TapSpec] = {}
+    branch_specs = {}
     for name, tap in zip(("attn", "mlp"), adapter.residual_branches(), strict=True):
         spec = adapter.taps[tap]
         if spec.io != "output" or spec.derive is not None:
             raise RuntimeError(f"{adapter.family}: branch tap {tap} is not a module output")
         branch_specs[name] = spec
-    log = InterventionLog(name="residual", value=value, layers=chosen, changed=dict.fromkeys(chosen, 0))
+    log = Counted(name="residual", value=value, layers=chosen, changed=dict.fromkeys(chosen, 0))
     pending: dict[int, _Pending] = {}
 
-    def before(layer: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def before(layer: int) -> TensorFn:
+        def hook(module: nn.Module, x: torch.Tensor) -> None:
             pending.pop(layer, None)  # a stale entry from a forward that raised midway
-            x = _layer_input(args, kwargs)
             mask = masked(x, ma_abs, ma_ratio)
             count = 0 if mask is None else int(mask.sum())
             if mask is not None and count:
@@ -78,20 +71,19 @@ def remove_residual_mas(
 
         return hook
 
-    def branch(layer: int, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def branch(layer: int, name: str) -> TensorFn:
+        def hook(module: nn.Module, y: torch.Tensor) -> None:
             state = pending.get(layer)
             if state is not None:
-                state.branches[name] = output if isinstance(output, torch.Tensor) else output[0]
+                state.branches[name] = y
 
         return hook
 
-    def after(layer: int) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    def after(layer: int) -> TensorFn:
+        def hook(module: nn.Module, y: torch.Tensor) -> torch.Tensor | None:
             state = pending.pop(layer, None)
             if state is None:
                 return None
-            y = output if isinstance(output, torch.Tensor) else output[0]
             if set(state.branches) != set(branch_specs):
                 raise RuntimeError(f"layer {layer}: sublayer outputs not seen ({sorted(state.branches)})")
             a, m = state.branches["attn"], state.branches["mlp"]
@@ -102,27 +94,54 @@ def remove_residual_mas(
                     f"layer {layer}: output is not (input + attention branch) + MLP branch; "
                     "the residual intervention cannot be applied exactly (is the model in eval mode?)"
                 )
-            new = torch.where(mask, (state.fill + a) + m, y)
             log.add(layer, state.count)
-            return new if isinstance(output, torch.Tensor) else (new, *output[1:])
+            return torch.where(mask, (state.fill + a) + m, y)
 
         return hook
 
-    blocks = adapter.layers(lm.model)
+    blocks = adapter.blocks(lm.model)
     with ExitStack() as stack:
         stack.callback(pending.clear)
         for layer in chosen:
             block = blocks[layer]
             handles = [
-                block.register_forward_pre_hook(before(layer), with_kwargs=True, prepend=True),
+                hook_module(block, "input", before(layer), prepend=True),
                 # appended: they capture what really enters the residual add, after any other editing hook
                 *(
-                    block.get_submodule(spec.module).register_forward_hook(branch(layer, name))
+                    hook_module(adapter.module(block, spec.module), "output", branch(layer, name))
                     for name, spec in branch_specs.items()
                 ),
                 # prepended: measurement hooks on the layer output (resid.post) see the edited output
-                block.register_forward_hook(after(layer), prepend=True),
+                hook_module(block, "output", after(layer), prepend=True),
             ]
             for handle in handles:
                 stack.callback(handle.remove)
         yield log
+
+
+@dataclass
+class ResidualOptions:
+    name: str = opt(
+        "residual", "remove the MAs carried by the residual connections (the paper's 'only TMA left')"
+    )
+    value: MAValue = opt(MAValue.zero, "zero | mean: what the carried MA elements are replaced with")
+    layers: list[int] | None = opt(None, "layers (from 0, negative from the end); null: all", min_items=1)
+
+
+def _check(options: Any, cfg: Any, arch: Arch) -> None:
+    arch.layers(options.layers, "intervention.layers")
+
+
+@contextmanager
+def _apply(inputs: Inputs) -> Iterator[Counted]:
+    o, th = inputs.options, inputs.threshold
+    with remove_residual_mas(inputs.lm, o.layers, o.value, float(th.ma_abs), float(th.ma_ratio)) as log:
+        yield log
+
+
+TREATMENT = Treatment(
+    _apply,
+    ResidualOptions,
+    "MAs carried by the residual stream removed; each layer keeps its own TMAs",
+    _check,
+)

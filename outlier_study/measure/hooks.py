@@ -1,68 +1,76 @@
-"""Forward hooks that hand each tap's tensor to a sink; removed when the `with` block exits."""
+"""Forward hooks at taps: the one place that reads (and, for interventions, replaces) a module's input or
+output. Hooks go on the unmodified modules and are removed when their `with` block exits."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from outlier_study.adapters.base import Adapter, Derive
+from outlier_study.adapters.taps import ATTENTION_TAPS
 from outlier_study.measure.attention import capture_attention
-from outlier_study.adapters.base import ATTENTION_TAPS, Adapter
 
 # (layer index, canonical tap, tensor (B, T, C) or (B, H, Tq, Tk) for attention taps, valid mask or None)
 TapSink = Callable[[int, str, torch.Tensor, torch.Tensor | None], None]
-Derived = list[tuple[str, Callable[[nn.Module, torch.Tensor], torch.Tensor] | None]]
+# Sees a module's tensor at a hook; a returned tensor replaces it downstream, None leaves it as it is.
+TensorFn = Callable[[nn.Module, torch.Tensor], torch.Tensor | None]
 
 
-def _first_tensor(value: Any) -> torch.Tensor:
-    return value if isinstance(value, torch.Tensor) else value[0]
+def hook_module(
+    module: nn.Module, io: Literal["input", "output"], fn: TensorFn, prepend: bool = False
+) -> RemovableHandle:
+    """Call `fn` on the module's first input (positional or `hidden_states`) or its (first) output."""
+    if io == "input":
+
+        def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            new = fn(mod, args[0] if args else kwargs["hidden_states"])
+            if new is None:
+                return None
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+        return module.register_forward_pre_hook(pre, with_kwargs=True, prepend=prepend)
+
+    def post(mod: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        single = isinstance(output, torch.Tensor)
+        new = fn(mod, output if single else output[0])
+        if new is None:
+            return None
+        return new if single else (new, *output[1:])
+
+    return module.register_forward_hook(post, prepend=prepend)
 
 
-def _input_hook(layer: int, taps: Derived, sink: TapSink) -> Callable[..., None]:
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        x = args[0] if args else kwargs["hidden_states"]
+def _feeder(layer: int, taps: list[tuple[str, Derive | None]], sink: TapSink) -> TensorFn:
+    def feed(module: nn.Module, x: torch.Tensor) -> None:
         for tap, derive in taps:
             sink(layer, tap, derive(module, x) if derive else x, None)
 
-    return hook
-
-
-def _output_hook(layer: int, taps: Derived, sink: TapSink) -> Callable[..., None]:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        y = _first_tensor(output)
-        for tap, derive in taps:
-            sink(layer, tap, derive(module, y) if derive else y, None)
-
-    return hook
+    return feed
 
 
 @contextmanager
 def tap_hooks(
     model: nn.Module, adapter: Adapter, taps: list[str], layers: list[int], sink: TapSink
 ) -> Iterator[None]:
-    """Hook `taps` at `layers` of an unmodified model; all hooks are gone after the block (even on errors)."""
+    """Hook `taps` at `layers` of an unmodified model; all hooks are gone after the block (even on errors).
+    Taps on the same module boundary share one hook."""
     with ExitStack() as stack:
-        blocks = adapter.layers(model)
+        blocks = adapter.blocks(model)
         for layer in layers:
-            groups: dict[tuple[str, str], Derived] = defaultdict(list)
+            groups: dict[tuple[str, str], list[tuple[str, Derive | None]]] = defaultdict(list)
             for tap in taps:
-                if tap in ATTENTION_TAPS:
-                    continue
-                spec = adapter.taps[tap]
-                groups[(spec.module, spec.io)].append((tap, spec.derive))
+                if tap not in ATTENTION_TAPS:
+                    spec = adapter.taps[tap]
+                    groups[(spec.module, spec.io)].append((tap, spec.derive))
             for (path, io), derived in groups.items():
-                module = blocks[layer].get_submodule(path) if path else blocks[layer]
-                if io == "input":
-                    handle = module.register_forward_pre_hook(
-                        _input_hook(layer, derived, sink), with_kwargs=True
-                    )
-                else:
-                    handle = module.register_forward_hook(_output_hook(layer, derived, sink))
-                stack.callback(handle.remove)
+                module = adapter.module(blocks[layer], path)
+                stack.callback(hook_module(module, io, _feeder(layer, derived, sink)).remove)  # type: ignore[arg-type]
         attention = frozenset(taps) & ATTENTION_TAPS
         if attention:
             stack.enter_context(capture_attention(model, sink, attention, frozenset(layers)))

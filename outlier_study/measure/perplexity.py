@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from outlier_study.measure.checkpoints import WindowCheckpoint
+from outlier_study.measure.forward import batches, logits_forward
 from outlier_study.models.loader import LoadedModel
-from outlier_study.measure.profiler import batches
-from outlier_study.sweep.resume import WindowCheckpoint
 
 # Logit elements per cross-entropy call. Chunking bounds the float32 log-softmax buffer (and the upcast of
 # half logits) whatever the vocabulary (262k for Gemma3), instead of a second (B, L, V) tensor. On CPU a
@@ -42,12 +42,6 @@ class Perplexity:
             return math.exp(self.mean_nll)
         except OverflowError:
             return math.inf
-
-
-@torch.inference_mode()
-def logits_forward(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
-    """The one model call perplexity makes (no KV cache, all logits), shared so a benchmark times the same."""
-    return lm.model(input_ids=ids.to(lm.input_device), use_cache=False).logits
 
 
 def _window_nll(logits: torch.Tensor, ids: torch.Tensor, parts: list[torch.Tensor]) -> None:

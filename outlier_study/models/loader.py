@@ -1,8 +1,14 @@
-"""Load any supported checkpoint into an unmodified HF model, with its tokenizer and provenance."""
+"""Load any supported checkpoint into an unmodified HF model, with its tokenizer and provenance.
+
+`describe_model` reads only the checkpoint's config (no weights), so every option can be checked against
+the model's family, depth and context before the load; `load_model` then builds the model. Every way a
+source can be unusable (missing, corrupt, offline, not a decoder we know) is a one-line ConfigError.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -10,37 +16,55 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from huggingface_hub.errors import LocalEntryNotFoundError
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from outlier_study.adapters import Adapter, adapter_for
+from outlier_study.adapters import Adapter, Arch, arch_of
 from outlier_study.errors import ConfigError, require
 from outlier_study.models.embedded import embedded_gguf
 from outlier_study.models.tiny import TINY_ARCHS, byte_tokenizer, tiny_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICES = ("cpu", "cuda", "auto")
-SOURCES = ("random", "hub", "local", "gguf", "embedded")
+OFFLINE_HINT = (
+    "the network is off (HF_HUB_OFFLINE=1) and it is not in the local Hugging Face cache; download it once "
+    "with network, or save it with save_pretrained and use model=local model.path=DIR"
+)
 
 
 @dataclass
 class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    adapter: Adapter
+    arch: Arch
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def n_layers(self) -> int:
-        return len(self.adapter.layers(self.model))
+    def adapter(self) -> Adapter:
+        return self.arch.adapter
 
     @property
-    def max_context(self) -> int | None:
-        cfg = self.model.config
-        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    def n_layers(self) -> int:
+        return self.arch.n_layers
 
     @property
     def input_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a config's weights are: a folder or hub id for from_pretrained, or a GGUF file (with the
+    folder of its cached conversion, when there is one)."""
+
+    where: str
+    gguf: Path | None = None
+    converted: Path | None = None
 
 
 def _file_key(path: Path, probe: int = 1 << 20) -> str:
@@ -55,92 +79,177 @@ def _file_key(path: Path, probe: int = 1 << 20) -> str:
     return digest.hexdigest()[:16]
 
 
-def _load_gguf(path: Path, cache_root: Path, use_cache: bool) -> tuple[PreTrainedModel, Any, Path | None]:
+def locate(cfg: Any, cache_root: Path) -> Location:
+    """Resolve the source of a ModelConfig to a place on disk or the hub; missing sources are one line."""
+    source = str(cfg.source)
+    if source == "hub":
+        require(bool(cfg.hub_id), "model.hub_id", "a hub repo id is required for source=hub")
+        return Location(str(cfg.hub_id))
+    if source == "local":
+        require(bool(cfg.path), "model.path", "a directory is required for source=local")
+        where = Path(str(cfg.path)).expanduser()
+        require(where.is_dir(), "model.path", f"no such directory: {where}")
+        return Location(str(where))
+    if source == "gguf":
+        require(bool(cfg.path), "model.path", "a .gguf file is required for source=gguf")
+        path = Path(str(cfg.path)).expanduser()
+        require(path.is_file(), "model.path", f"no such GGUF file: {path}")
+    else:
+        require(bool(cfg.package), "model.package", "a package name is required for source=embedded")
+        path = embedded_gguf(str(cfg.package), cache_root)
+    converted = cache_root / f"{path.stem}-{_file_key(path)}"
+    usable = cfg.cache_converted and (converted / ".complete").exists()
+    return Location(str(path.parent), gguf=path, converted=converted if usable else None)
+
+
+def _field(cfg: Any) -> str:
+    return {"hub": "model.hub_id", "embedded": "model.package"}.get(str(cfg.source), "model.path")
+
+
+def _config_error(cfg: Any, loc: Location, err: Exception) -> ConfigError:
+    """A transformers / hub error while reading a checkpoint as one line naming the source field."""
+    name = loc.gguf or loc.where
+    text = " ".join(str(err).split())
+    if isinstance(err, LocalEntryNotFoundError) or "offline" in text.lower() or "couldn't connect" in text:
+        return ConfigError(_field(cfg), f"'{name}': {OFFLINE_HINT}")
+    if loc.gguf is not None:
+        return ConfigError(
+            _field(cfg), f"'{name}' is not a readable GGUF file ({type(err).__name__}: {text[:160]})"
+        )
+    if isinstance(err, json.JSONDecodeError) or "valid JSON" in text:
+        return ConfigError(_field(cfg), f"'{name}': config.json is not valid JSON")
+    return ConfigError(
+        _field(cfg), f"cannot read the checkpoint '{name}' ({type(err).__name__}: {text[:200]})"
+    )
+
+
+def _read_config(cfg: Any, loc: Location) -> Any:
+    if loc.converted is not None:
+        return AutoConfig.from_pretrained(loc.converted)
+    if loc.gguf is not None:
+        return AutoConfig.from_pretrained(loc.where, gguf_file=loc.gguf.name)
+    return AutoConfig.from_pretrained(
+        loc.where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+
+
+def describe_model(cfg: Any, cache_root: str | Path) -> Arch:
+    """The model's family, depth and context from its config alone (no weights are read)."""
+    if str(cfg.source) == "random":
+        require(cfg.model_type in TINY_ARCHS, "model.model_type", f"'{cfg.model_type}'", sorted(TINY_ARCHS))
+        return arch_of(tiny_config(cfg.model_type, dict(cfg.arch)))
+    loc = locate(cfg, Path(cache_root))
+    try:
+        config = _read_config(cfg, loc)
+    except Exception as err:  # OSError, JSON errors, and struct.error & co. from a truncated GGUF
+        raise _config_error(cfg, loc, err) from None
+    return arch_of(config)
+
+
+def _load_gguf(loc: Location, cache_root: Path, use_cache: bool) -> tuple[PreTrainedModel, Any, Path | None]:
     """Dequantize a GGUF once; later loads read the saved safetensors copy (seconds instead of minutes)."""
-    cached = cache_root / f"{path.stem}-{_file_key(path)}"
-    if use_cache and (cached / ".complete").exists():
-        return AutoModelForCausalLM.from_pretrained(cached), AutoTokenizer.from_pretrained(cached), cached
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    assert loc.gguf is not None
+    if loc.converted is not None:
+        return (
+            AutoModelForCausalLM.from_pretrained(loc.converted),
+            AutoTokenizer.from_pretrained(loc.converted),
+            loc.converted,
+        )
+    model = AutoModelForCausalLM.from_pretrained(loc.where, gguf_file=loc.gguf.name, dtype=torch.float32)
     # transformers dequantizes GGUF to plain float tensors but keeps a quantizer record that forbids saving.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    if use_cache:
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / ".complete").touch()
-        shutil.rmtree(cached, ignore_errors=True)
-        tmp.rename(cached)
-    return model, tokenizer, cached if use_cache else None
+    tokenizer = AutoTokenizer.from_pretrained(loc.where, gguf_file=loc.gguf.name)
+    if not use_cache:
+        return model, tokenizer, None
+    cached = cache_root / f"{loc.gguf.stem}-{_file_key(loc.gguf)}"
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / ".complete").touch()
+    shutil.rmtree(cached, ignore_errors=True)
+    tmp.rename(cached)
+    return model, tokenizer, cached
+
+
+def _build(
+    cfg: Any, loc: Location | None, dtype: torch.dtype, device: str, cache_root: Path
+) -> tuple[Any, Any, dict]:
+    """The model, its tokenizer (None when the source has none) and what to record about the source."""
+    common: dict[str, Any] = {"attn_implementation": str(cfg.attn_implementation)}
+    if loc is None:
+        torch.manual_seed(cfg.init_seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(cfg.model_type, dict(cfg.arch)), **common)
+        return model, None, {"model_type": cfg.model_type, "init_seed": cfg.init_seed}
+    if loc.gguf is not None:
+        model, tokenizer, cached = _load_gguf(loc, cache_root, bool(cfg.cache_converted))
+        model.set_attn_implementation(str(cfg.attn_implementation))
+        return (
+            model,
+            tokenizer,
+            {
+                "gguf_file": str(loc.gguf),
+                "package": cfg.package,
+                "converted_cache": str(cached) if cached else None,
+            },
+        )
+    if device == "auto":
+        common["device_map"] = "auto"
+    revision = cfg.revision if str(cfg.source) == "hub" else None
+    model = AutoModelForCausalLM.from_pretrained(
+        loc.where, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=revision, **common
+    )
+    tokenizer = AutoTokenizer.from_pretrained(loc.where, revision=revision)
+    return model, tokenizer, {"hub_id": cfg.hub_id, "revision": cfg.revision, "path": cfg.path}
 
 
 def load_model(cfg: Any, dtype: str, device: str, cache_root: str | Path) -> LoadedModel:
     """Build the model that `cfg` (a ModelConfig) names, in `dtype` on `device`."""
-    source, dtype = str(cfg.source), str(dtype)  # StrEnum members or plain strings
-    require(source in SOURCES, "model.source", f"unknown source '{source}'", SOURCES)
+    dtype, device = str(dtype), str(device)  # StrEnum members or plain strings
     require(dtype in DTYPES, "dtype", f"unknown dtype '{dtype}'", DTYPES)
-    require(device in DEVICES, "device", f"unknown device '{device}'", DEVICES)
+    require(
+        device in ("cpu", "cuda", "auto"), "device", f"unknown device '{device}'", ("cpu", "cuda", "auto")
+    )
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", "cuda requested but no CUDA device is visible", DEVICES)
+        raise ConfigError("device", "cuda requested but no CUDA device is visible", ("cpu", "cuda", "auto"))
     cache_root = Path(cache_root)
-    torch_dtype = DTYPES[dtype]
-    common: dict[str, Any] = {"attn_implementation": cfg.attn_implementation}
-    info: dict[str, Any] = {"name": cfg.name, "source": source, "dtype": dtype, "device": device}
-    tokenizer: Any = None
-
-    if source == "random":
-        require(cfg.model_type in TINY_ARCHS, "model.model_type", f"'{cfg.model_type}'", sorted(TINY_ARCHS))
-        torch.manual_seed(cfg.init_seed)
-        config = tiny_config(cfg.model_type, dict(cfg.arch))
-        model = AutoModelForCausalLM.from_config(config, **common)
-        info.update(model_type=cfg.model_type, init_seed=cfg.init_seed)
-    elif source in ("gguf", "embedded"):
-        if source == "gguf":
-            require(bool(cfg.path), "model.path", "a .gguf file is required for source=gguf")
-            path = Path(cfg.path).expanduser()
-            require(path.is_file(), "model.path", f"no such GGUF file: {path}")
-        else:
-            require(bool(cfg.package), "model.package", "a package name is required for source=embedded")
-            path = embedded_gguf(cfg.package, cache_root)
-        model, tokenizer, cached = _load_gguf(path, cache_root, cfg.cache_converted)
-        model.set_attn_implementation(cfg.attn_implementation)
-        info.update(gguf_file=str(path), package=cfg.package, converted_cache=str(cached) if cached else None)
-    else:
-        if source == "hub":
-            require(bool(cfg.hub_id), "model.hub_id", "a hub repo id is required for source=hub")
-            where: str = cfg.hub_id
-            common["revision"] = cfg.revision
-        else:
-            require(bool(cfg.path), "model.path", "a directory is required for source=local")
-            where = str(Path(cfg.path).expanduser())
-            require(Path(where).is_dir(), "model.path", f"no such directory: {where}")
-        if device == "auto":
-            common["device_map"] = "auto"
-        model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=torch_dtype, trust_remote_code=cfg.trust_remote_code, **common
-        )
-        info.update(hub_id=cfg.hub_id, revision=cfg.revision, path=cfg.path)
-        tokenizer = AutoTokenizer.from_pretrained(where, revision=cfg.revision)
+    arch = describe_model(cfg, cache_root)  # the family is known before any implementation is chosen
+    loc = None if str(cfg.source) == "random" else locate(cfg, cache_root)
+    try:
+        model, tokenizer, provenance = _build(cfg, loc, DTYPES[dtype], device, cache_root)
+    except ConfigError:
+        raise
+    except (ImportError, ValueError) as err:
+        if "attn" in str(err).lower() or "attention" in str(err).lower():
+            raise ConfigError(
+                "model.attn_implementation",
+                f"'{cfg.attn_implementation}' cannot be used here ({' '.join(str(err).split())[:160]})",
+                allowed=("sdpa", "eager"),
+            ) from None
+        raise _config_error(cfg, loc or Location(str(cfg.model_type)), err) from None
+    except OSError as err:
+        raise _config_error(cfg, loc or Location(str(cfg.model_type)), err) from None
 
     if cfg.tokenizer == "bytes":
         tokenizer = byte_tokenizer()
     elif cfg.tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(Path(cfg.tokenizer).expanduser())
+        tokenizer = AutoTokenizer.from_pretrained(Path(str(cfg.tokenizer)).expanduser())
     require(tokenizer is not None, "model.tokenizer", "this source needs a tokenizer", ["bytes", "<dir>"])
 
-    if "device_map" not in common:
+    placed = device == "auto" and loc is not None and loc.gguf is None  # device_map="auto" placed it
+    if not placed:
         target = "cuda" if device == "auto" and torch.cuda.is_available() else device
-        model = model.to(device="cpu" if target == "auto" else target, dtype=torch_dtype)
+        model = model.to(device="cpu" if target == "auto" else target, dtype=DTYPES[dtype])
     model.eval()
-    adapter = adapter_for(model)
+    info: dict[str, Any] = {"name": cfg.name, "source": str(cfg.source), "dtype": dtype, "device": device}
+    info.update(provenance)
     info.update(
         model_type=model.config.model_type,
-        n_layers=len(adapter.layers(model)),
+        n_layers=arch.n_layers,
         n_params=sum(p.numel() for p in model.parameters()),
         attn_implementation=model.config._attn_implementation,
         commit_hash=getattr(model.config, "_commit_hash", None),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, info=info)

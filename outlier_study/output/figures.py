@@ -9,9 +9,34 @@ import matplotlib
 matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 LAYER_NOTE = "layers numbered from 0"
+
+
+def _panel_grid(
+    n_panels: int, panel_height: float, title: str, fontsize: int = 11, ncols: int | None = None
+) -> tuple[Figure, int, int]:
+    """A figure for `n_panels` panels (`ncols`, default at most 4, a row) whose title has a band of its own:
+    constrained layout keeps the title, the panel titles and the tick labels from overlapping."""
+    ncols = ncols or min(4, n_panels)
+    nrows = -(-n_panels // ncols)
+    fig = Figure(figsize=(4.2 * ncols, panel_height * nrows + 0.6), dpi=100, layout="constrained")
+    fig.suptitle(title, fontsize=fontsize)
+    return fig, nrows, ncols
+
+
+def _count_axis(ax: Axes, counts: Sequence[Sequence[int]]) -> None:
+    """Counts get integer ticks, and an all-zero panel shows 0..1 instead of ±0.04."""
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if not any(c for series in counts for c in series):
+        ax.set_ylim(-0.05, 1.05)
+    else:
+        ax.set_ylim(bottom=-0.05 * max(c for series in counts for c in series))
 
 
 def layer_tops_figure(
@@ -21,11 +46,7 @@ def layer_tops_figure(
 
     panels: tap -> (tops (n_layers, k) descending with nan for missing ranks, medians (n_layers,)).
     """
-    ncols = min(4, len(panels))
-    nrows = -(-len(panels) // ncols)
-    fig = Figure(figsize=(4.2 * ncols, 2.9 * nrows + 0.6), dpi=100)
-    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.08, top=1 - 0.5 / (2.9 * nrows + 0.6), hspace=0.45)
-    fig.suptitle(f"{title} ({LAYER_NOTE})", fontsize=11)
+    fig, nrows, ncols = _panel_grid(len(panels), 2.9, f"{title} ({LAYER_NOTE})")
     markers = ("o", "s", "^", "v", "D")
     for i, (tap, (tops, medians)) in enumerate(panels.items()):
         ax = fig.add_subplot(nrows, ncols, i + 1)
@@ -41,6 +62,7 @@ def layer_tops_figure(
         ax.plot(layers, medians, color="gray", ls="--", lw=1, label="median")
         ax.set_yscale("log")
         ax.set_title(tap, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if i == 0:
@@ -74,10 +96,8 @@ def channel_means_figure(
     """Channel means per panel with the channel-wise outliers in red (the paper's Fig. 7/8 style).
 
     panels: (subtitle, channel means (C,), CO channel indices), filled row by row into `ncols` columns."""
-    nrows = -(-len(panels) // ncols)
-    fig = Figure(figsize=(4.2 * ncols, 2.7 * nrows + 0.6), dpi=100)
-    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.09, top=1 - 0.55 / (2.7 * nrows + 0.6), hspace=0.5)
-    fig.suptitle(f"{title} ({LAYER_NOTE}; red: channel-wise outliers)", fontsize=10)
+    title = f"{title} ({LAYER_NOTE}; red: channel-wise outliers)"
+    fig, nrows, ncols = _panel_grid(len(panels), 2.7, title, fontsize=10, ncols=ncols)
     for i, (subtitle, means, cos) in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         channels = np.arange(means.shape[0])
@@ -100,11 +120,7 @@ def co_counts_figure(
 
     series: setting (e.g. "original", "γ → mean") -> tap -> counts per layer."""
     taps = list(next(iter(series.values())))
-    ncols = min(4, len(taps))
-    nrows = -(-len(taps) // ncols)
-    fig = Figure(figsize=(4.2 * ncols, 2.8 * nrows + 0.6), dpi=100)
-    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.1, top=1 - 0.55 / (2.8 * nrows + 0.6), hspace=0.5)
-    fig.suptitle(f"{title} ({LAYER_NOTE})", fontsize=10)
+    fig, nrows, ncols = _panel_grid(len(taps), 2.8, f"{title} ({LAYER_NOTE})", fontsize=10)
     for i, tap in enumerate(taps):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         for setting, by_tap in series.items():
@@ -112,8 +128,55 @@ def co_counts_figure(
         ax.set_title(tap, fontsize=9)
         ax.set_xlabel("layer", fontsize=7)
         ax.set_ylabel("CO count", fontsize=7)
+        _count_axis(ax, [by_tap[tap] for by_tap in series.values()])
         ax.tick_params(labelsize=6)
         ax.grid(alpha=0.3)
         if i == 0:
             ax.legend(fontsize=6)
+    return fig
+
+
+def quant_error_figure(
+    layers: Sequence[int],
+    series: Mapping[str, Sequence[float]],
+    marks: Mapping[str, Sequence[int]],
+    title: str,
+) -> Figure:
+    """Relative quantization error ‖Q(X)Q(W) − XW‖/‖XW‖ per layer, one line per linear, log y axis.
+
+    marks: label -> layers to flag (e.g. the layers holding massive activations), drawn as triangles on top.
+    """
+    fig = Figure(figsize=(8, 4.2), dpi=100)
+    ax = fig.add_subplot()
+    markers = ("o", "s", "^", "v", "D", "P", "X")
+    for i, (name, values) in enumerate(series.items()):
+        ax.plot(
+            layers, np.asarray(values, dtype=float), marker=markers[i % len(markers)], ms=3, lw=1, label=name
+        )
+    # One row of triangles per mark set above the plot area: CO sites can be in nearly every layer, and
+    # full-height lines there would hide the error curves.
+    colors = ("tab:red", "tab:purple", "tab:brown")
+    strip = blended_transform_factory(ax.transData, ax.transAxes)
+    for i, (label, where) in enumerate(marks.items()):
+        y = [1.025 + 0.045 * i] * len(where)
+        ax.plot(
+            list(where),
+            y,
+            ls="none",
+            marker="v",
+            ms=6,
+            color=colors[i % len(colors)],
+            transform=strip,
+            clip_on=False,
+            label=label,
+        )
+    if any(v > 0 for values in series.values() for v in values):  # all zero (16 bits): keep a linear axis
+        ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("‖Q(X)Q(W) − XW‖ / ‖XW‖")
+    ax.set_title(f"{title} ({LAYER_NOTE})", fontsize=10, pad=6 + 14 * len(marks))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
     return fig

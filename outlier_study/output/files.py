@@ -1,4 +1,5 @@
-"""The on-disk results layout of a job (DESIGN §5); every file is written atomically."""
+"""Atomic writers for every file of the results layout (write to a temporary file, then rename), so a
+killed job never leaves a half-written result behind."""
 
 from __future__ import annotations
 
@@ -6,19 +7,12 @@ import csv
 import io
 import json
 import os
-import platform
-import subprocess
 import tempfile
-import traceback
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "datasets", "wandb", "submitit", "gguf")
 
 
 def _file_mode() -> int:
@@ -79,66 +73,8 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     _atomic_bytes(path, buf.getvalue())
 
 
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """GitHub-flavoured Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def write_status(
-    job_dir: Path, state: str, error: BaseException | None = None, fields: Mapping[str, Any] | None = None
-) -> None:
-    """running | ok | failed (with the error and its traceback), plus `fields` (e.g. the config hash)."""
-    payload: dict[str, Any] = {"status": state, "time": datetime.now(UTC).isoformat(), **(fields or {})}
-    if error is not None:
-        payload["error"] = f"{type(error).__name__}: {error}"
-        payload["traceback"] = "".join(traceback.format_exception(error))
-    write_json(job_dir / "status.json", payload)
-
-
-def git_sha() -> str | None:
-    """Commit of the checkout the package runs from (None outside a git checkout)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(extra: Mapping[str, Any]) -> dict[str, Any]:
-    """What is needed to reproduce a job: code version, package versions, hardware, model provenance."""
-    import torch
-
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "git_sha": git_sha(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": versions,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        **extra,
-    }
-
-
 def write_figure(path: Path, fig: Any) -> None:
     """Render a matplotlib Figure to PNG atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     _atomic_bytes(path, buf.getvalue())
-
-
-def write_table(tables_dir: Path, name: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A paper-layout table as tables/<name>.md and .csv; returns the Markdown for printing."""
-    text = markdown_table(header, rows)
-    write_text(tables_dir / f"{name}.md", text)
-    write_csv(tables_dir / f"{name}.csv", header, rows)
-    return text

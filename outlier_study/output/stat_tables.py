@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from outlier_study.adapters.base import ATTENTION_TAPS, CANONICAL_TAPS
+from outlier_study.adapters.taps import ATTENTION_TAPS
 from outlier_study.measure.profiler import StatsByTap
-from outlier_study.stats.massive import is_massive_value
+from outlier_study.stats.massive import is_massive
 from outlier_study.stats.reducers import TapStats, TopEntry
 
 LAYER_STATS_HEADER = ("layer", "tap", "statistic", "value")
@@ -29,10 +29,10 @@ TOPK_HEADER = (
 )
 
 
-def is_massive(entry: TopEntry, stats: TapStats, ma_abs: float, ma_ratio: float) -> bool:
-    """The MA rule (DESIGN §3) against the median of the entry's own window."""
+def is_massive_entry(entry: TopEntry, stats: TapStats, ma_abs: float, ma_ratio: float) -> bool:
+    """The MA rule against the median of the entry's own window."""
     median = stats.window_medians[entry.window] if entry.window < len(stats.window_medians) else float("nan")
-    return is_massive_value(entry.abs, median, ma_abs, ma_ratio)
+    return bool(is_massive(entry.abs, median, ma_abs, ma_ratio))
 
 
 def layer_stat_rows(stats: StatsByTap) -> list[tuple[int, str, str, float]]:
@@ -100,7 +100,7 @@ def topk_rows(
                     "" if pos.head is None else pos.head,
                     token_id,
                     decode(token_id),
-                    int(is_massive(e, s, ma_abs, ma_ratio)),
+                    int(is_massive_entry(e, s, ma_abs, ma_ratio)),
                 )
             )
     return rows
@@ -116,17 +116,3 @@ def channel_arrays(stats: StatsByTap) -> dict[str, np.ndarray]:
         arrays[f"{layer}/{tap}/std"] = s.channel_std  # type: ignore[assignment]
         arrays[f"{layer}/{tap}/absmax"] = s.channel_absmax  # type: ignore[assignment]
     return arrays
-
-
-def nonfinite_summary(stats: StatsByTap) -> str | None:
-    """One line on inf/nan, e.g. float16 overflow of Gemma3's massive activations; None if all finite."""
-    bad = [(k, s) for k, s in stats.items() if s.nan_count or s.inf_count]
-    if not bad:
-        return None
-    (layer, tap), _ = min(bad, key=lambda kv: (kv[0][0], CANONICAL_TAPS.index(kv[0][1])))
-    n_inf = sum(s.inf_count for _, s in bad)
-    n_nan = sum(s.nan_count for _, s in bad)
-    return (
-        f"non-finite activations: {n_inf} inf and {n_nan} nan in {len(bad)} (layer, tap) pairs, first at "
-        f"layer {layer} {tap} — overflow of the activation dtype; statistics exclude them"
-    )

@@ -1,4 +1,6 @@
-"""One table, four formats (Markdown, CSV, booktabs LaTeX, HTML), hand-written so nothing else is needed."""
+"""One table, four formats (Markdown, CSV, booktabs LaTeX, HTML), and the one writer of every table file.
+
+Hand-written: each format is a few lines, and no dependency renders booktabs and escaped Markdown alike."""
 
 from __future__ import annotations
 
@@ -8,7 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from outlier_study.output.files import markdown_table, write_csv, write_text
+from outlier_study.output.files import write_csv, write_text
+
+
+def cell_text(value: object) -> str:
+    """A cell as CSV would write it (None is empty), so a table's text and its CSV agree."""
+    return "" if value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,14 @@ class Table:
     rows: tuple[tuple[str, ...], ...]
     caption: str = ""
     notes: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def of(
+        cls, name: str, header: Sequence[object], rows: Sequence[Sequence[object]], caption: str = ""
+    ) -> Table:
+        """A table from values of any type (numbers keep their exact text)."""
+        head = tuple(cell_text(h) for h in header)
+        return cls(name, head, rectangular(head, [[cell_text(c) for c in row] for row in rows]), caption)
 
 
 def is_number(text: str) -> bool:
@@ -50,10 +65,12 @@ def markdown_escape(text: str) -> str:
 
 
 def to_markdown(table: Table) -> str:
-    body = markdown_table(
-        [markdown_escape(h) for h in table.header],
-        [[markdown_escape(c) for c in row] for row in table.rows],
-    )
+    lines = [
+        "| " + " | ".join(markdown_escape(h) for h in table.header) + " |",
+        "|" + "---|" * len(table.header),
+    ]
+    lines += ["| " + " | ".join(markdown_escape(c) for c in row) + " |" for row in table.rows]
+    body = "\n".join(lines) + "\n"
     parts = [f"**{markdown_escape(table.caption)}**\n\n"] if table.caption else []
     parts.append(body)
     parts += [f"\n_{markdown_escape(note)}_\n" for note in table.notes]
@@ -149,13 +166,18 @@ def format_value(value: object, digits: int | None = None) -> str:
     return str(value)
 
 
-def write_formats(out_dir: Path, table: Table) -> list[Path]:
-    """<name>.md, .csv and .tex, each written atomically; returns the paths."""
-    paths = [out_dir / f"{table.name}.{ext}" for ext in ("md", "csv", "tex")]
-    write_text(paths[0], to_markdown(table))
-    write_csv(paths[1], table.header, table.rows)
-    write_text(paths[2], to_latex(table))
-    return paths
+def write_table(out_dir: Path, table: Table, formats: Sequence[str] = ("md", "csv")) -> str:
+    """<name>.<format> for each format (md, csv, tex), each written atomically; returns the Markdown.
+    A job writes md and csv; a collected sweep adds tex."""
+    markdown = to_markdown(table)
+    writers = {
+        "md": lambda p: write_text(p, markdown),
+        "csv": lambda p: write_csv(p, table.header, table.rows),
+        "tex": lambda p: write_text(p, to_latex(table)),
+    }
+    for ext in formats:
+        writers[ext](out_dir / f"{table.name}.{ext}")
+    return markdown
 
 
 def rectangular(header: Sequence[str], rows: Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from outlier_study.adapters.linears import weight_out_in
 from outlier_study.quant.fake import OFF_BITS, QuantSpec, quantize
-from outlier_study.quant.layout import decoder_linears, weight_out_in
 
 if TYPE_CHECKING:
     from outlier_study.models.loader import LoadedModel
@@ -63,7 +63,7 @@ def quant_error(lm: LoadedModel, spec: QuantSpec) -> Iterator[ErrorLog]:
     """Hook every decoder linear for the block and stream its relative error under `spec` (weights and
     activations; KV quantization is not a linear's error). With 16/16 bits nothing is hooked: error 0."""
     log = ErrorLog()
-    linears = decoder_linears(lm.model, lm.adapter)
+    linears = lm.adapter.linears(lm.model)
     with ExitStack() as stack:
         if spec.w_bits < OFF_BITS or spec.a_bits < OFF_BITS:
             for layer, path, module in linears:

@@ -21,23 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from outlier_study.errors import require
+from outlier_study.adapters.linears import to_storage, weight_out_in
 from outlier_study.interventions.edits import reversible
-from outlier_study.quant.layout import decoder_linears, head_dim, layout_for, to_storage, weight_out_in
 
 if TYPE_CHECKING:
     from outlier_study.models.loader import LoadedModel
 
 OFF_BITS = 16  # 16 bits = this operand is left in full precision
-GRANULARITIES: tuple[str, ...] = ("token", "tensor")
 _MIN_AMAX = 1e-30  # an all-zero group gets a tiny scale and quantizes to exact zeros instead of 0/0
-
-
-def check_bits(bits: Any, field: str) -> int:
-    """An integer bit width in 2..16, else a one-line ConfigError naming `field`."""
-    ok = isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= OFF_BITS
-    require(ok, field, f"must be an integer in 2..16, got {bits!r}", allowed=["2..16 (16 = not quantized)"])
-    return int(bits)
 
 
 def qmax(bits: int) -> int:
@@ -79,7 +70,7 @@ def quantize(
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """Bit widths and granularities of one fake-quantization setting (validated on construction)."""
+    """Bit widths and granularities of one fake-quantization setting (bounds: the `quant` schema)."""
 
     w_bits: int = OFF_BITS
     a_bits: int = OFF_BITS
@@ -87,20 +78,6 @@ class QuantSpec:
     w_group_size: int | None = None  # None: one scale per output channel
     a_granularity: str = "token"  # token | tensor
     name: str = "custom"
-
-    def __post_init__(self) -> None:
-        check_bits(self.w_bits, "quant.w_bits")
-        check_bits(self.a_bits, "quant.a_bits")
-        check_bits(self.kv_bits, "quant.kv_bits")
-        g = self.w_group_size
-        ok = g is None or (isinstance(g, int) and not isinstance(g, bool) and g > 0)
-        require(ok, "quant.w_group_size", f"must be a positive integer or null, got {g!r}")
-        require(
-            self.a_granularity in GRANULARITIES,
-            "quant.a_granularity",
-            f"unknown granularity {self.a_granularity!r}",
-            allowed=GRANULARITIES,
-        )
 
     @property
     def label(self) -> str:
@@ -157,6 +134,14 @@ class ActivationQuantizer:
         self._last_in = self._last_out = None
 
 
+def head_dim(config: object) -> int:
+    """Per-head width of keys and values (KV quantization groups)."""
+    explicit = getattr(config, "head_dim", None)
+    if explicit:
+        return int(explicit)
+    return int(config.hidden_size) // int(config.num_attention_heads)  # type: ignore[attr-defined]
+
+
 def _kv_hook(bits: int, group: int, fused_width: int | None) -> Any:
     """Quantize a k/v projection output per token and head; for GPT-2's c_attn only its k and v thirds."""
 
@@ -177,7 +162,7 @@ def fake_quant(lm: LoadedModel, spec: QuantSpec) -> Iterator[dict[str, Any]]:
     restore is bit-exact, also when the body raises. Hooks are appended, so a method's pre-hooks registered
     with prepend=True (MA removal, the online Hadamard) run before the activation quantizer."""
     model, adapter = lm.model, lm.adapter
-    linears = decoder_linears(model, adapter)
+    linears = adapter.linears(model)
     record: dict[str, Any] = {**spec.summary(), "quant.n_linears": len(linears)}
     with reversible() as edits, ExitStack() as stack:
         if spec.w_bits < OFF_BITS:
@@ -191,12 +176,11 @@ def fake_quant(lm: LoadedModel, spec: QuantSpec) -> Iterator[dict[str, Any]]:
             for _, _, module in linears:
                 stack.callback(module.register_forward_pre_hook(quantizer).remove)
         if spec.kv_bits < OFF_BITS:
-            layout = layout_for(adapter)
             group = head_dim(model.config)
-            for block in adapter.layers(model):
-                for path in layout.kv:
-                    module = block.get_submodule(path)
-                    fused = weight_out_in(module).shape[0] // 3 if layout.kv_fused else None
+            for block in adapter.blocks(model):
+                for path in adapter.kv:
+                    module = adapter.module(block, path)
+                    fused = weight_out_in(module).shape[0] // 3 if adapter.kv_fused else None
                     hook = _kv_hook(spec.kv_bits, group, fused)
                     stack.callback(module.register_forward_hook(hook).remove)
         yield record

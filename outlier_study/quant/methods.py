@@ -1,169 +1,162 @@
 """Outlier-handling methods compared under quantization, by name: one registry entry per method.
 
-Each method is a context manager factory over a prepared `MethodInputs`; it leaves the model bit-exactly
-as it found it on exit and yields a record with `summary()` (flat scalars for metrics.json). `check` runs
-before anything expensive (calibration, evaluation) so bad input fails fast. Adding a method is one entry
-in `METHODS`.
+Each method is a `Treatment` (the shape interventions have too): it changes the model for its block,
+restores it bit-exactly on exit and yields a `Change` record; its options schema and its architecture
+check run before anything is loaded. Adding a method is one entry in `METHODS`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from outlier_study.errors import ConfigError, require
-from outlier_study.interventions.channel_edits import norm_output_cos
-from outlier_study.interventions.massive import VALUES, InterventionLog, replace_massive
-from outlier_study.interventions.parameters import GAMMA_VALUES, edit_gamma
-from outlier_study.quant.rotation import check_rotation_support, rotate
-from outlier_study.quant.smoothquant import calibrate, check_alpha, smooth
+from outlier_study.adapters import FAMILIES
+from outlier_study.config.options import opt
+from outlier_study.config.vocab import GammaValue, MAValue
+from outlier_study.detect.select import norm_output_cos
+from outlier_study.errors import ConfigError
+from outlier_study.interventions.massive import replace_massive
+from outlier_study.interventions.parameters import edit_gamma
+from outlier_study.interventions.record import Change, Transformed, Unchanged
+from outlier_study.interventions.treatment import Inputs, Treatment
+from outlier_study.quant.rotation import rotate
+from outlier_study.quant.smoothquant import calibrate, smooth
+from outlier_study.registry import Registry
 
 if TYPE_CHECKING:
-    from outlier_study.models.loader import LoadedModel
+    from outlier_study.adapters.base import Arch
 
-
-class MethodRecord(Protocol):
-    def summary(self) -> dict[str, Any]: ...
-
-
-@dataclass
-class Record:
-    """A fixed summary (methods whose record does not change while the model runs)."""
-
-    values: dict[str, Any]
-
-    def summary(self) -> dict[str, Any]:
-        return dict(self.values)
+CALIB_DOC = "calibration windows (dataset.seq_len tokens each), disjoint from the evaluation windows"
 
 
 @dataclass
-class _MassiveRecord:
-    """The MA replacement's counts under the method's names (they grow with every forward pass)."""
-
-    log: InterventionLog
-
-    def summary(self) -> dict[str, Any]:
-        return {"method.value": self.log.value, "method.changed_total": self.log.total}
+class NoneOptions:
+    name: str = opt("none", "the unmodified model")
 
 
-@dataclass(frozen=True)
-class MethodInputs:
-    """Everything a method may need, prepared by the experiment."""
-
-    lm: LoadedModel
-    cfg: Any  # the `method` config group (MethodConfig)
-    threshold: Any  # the `threshold` config group (MA and CO rules)
-    calibration: torch.Tensor | None  # (n, seq_len) windows disjoint from the evaluation windows
-    batch_size: int = 1
-    progress: bool = False
+@dataclass
+class MassiveY6Options:
+    name: str = opt("massive_y6", "MAs at y6 (mlp.hidden, every layer) replaced before quantizing")
+    value: MAValue = opt(MAValue.mean, "zero | mean: the window's mean of the whole tensor at y6")
 
 
-@dataclass(frozen=True)
-class Method:
-    apply: Callable[[MethodInputs], AbstractContextManager[MethodRecord]]
-    description: str
-    calibrated: bool = False  # needs `MethodInputs.calibration`
-    check: Callable[[LoadedModel, Any], None] | None = None  # (lm, method cfg): fail fast on bad input
+@dataclass
+class GammaSmoothOptions:
+    name: str = opt(
+        "gamma_smooth", "γ at the COs of each norm's output (calibration windows) set to the γ mean"
+    )
+    norm: str = opt("both", "attn | mlp | both (Gemma3 also attn_post | mlp_post)")
+    value: GammaValue = opt(GammaValue.mean, "mean (of that γ over all channels) | zero")
+    calib_windows: int = opt(32, CALIB_DOC, ge=1)
 
 
-def _check_alpha(lm: LoadedModel, cfg: Any) -> None:
-    check_alpha(cfg.alpha)
+@dataclass
+class SmoothQuantOptions:
+    name: str = opt("smoothquant", "SmoothQuant scales folded into norms and the linears reading them")
+    alpha: float = opt(
+        0.5, "migration strength α (0: all on the activations, 1: all on the weights)", ge=0, le=1
+    )
+    calib_windows: int = opt(32, CALIB_DOC, ge=1)
 
 
-def _check_rotation(lm: LoadedModel, cfg: Any) -> None:
-    check_rotation_support(lm)
-    require(isinstance(cfg.seed, int), "method.seed", f"must be an integer, got {cfg.seed!r}")
+@dataclass
+class RotationOptions:
+    name: str = opt("rotation", "QuaRot-style rotation of the residual stream and before down_proj")
+    seed: int = opt(0, "seed of the random signs and of the small orthogonal factor")
 
 
-def _check_value(lm: LoadedModel, cfg: Any) -> None:
-    value = str(cfg.value)
-    if value not in VALUES:
-        raise ConfigError("method.value", f"unknown value '{value}'", allowed=VALUES)
+def _check_gamma(options: Any, cfg: Any, arch: Arch) -> None:
+    arch.adapter.norm_names(str(options.norm), "method.norm")
 
 
-@contextmanager
-def _none(inputs: MethodInputs) -> Iterator[MethodRecord]:
-    yield Record({})
-
-
-@contextmanager
-def _massive_y6(inputs: MethodInputs) -> Iterator[MethodRecord]:
-    th = inputs.threshold
-    with replace_massive(
-        inputs.lm, "mlp.hidden", None, str(inputs.cfg.value), float(th.ma_abs), float(th.ma_ratio)
-    ) as log:
-        yield _MassiveRecord(log)
-
-
-@contextmanager
-def _smoothquant(inputs: MethodInputs) -> Iterator[MethodRecord]:
-    if inputs.calibration is None:
-        raise ValueError("smoothquant needs calibration windows (MethodInputs.calibration)")
-    act_max = calibrate(inputs.lm, inputs.calibration, inputs.batch_size, inputs.progress)
-    with smooth(inputs.lm, act_max, float(inputs.cfg.alpha)) as record:
-        yield Record(record)
-
-
-def _check_gamma(lm: LoadedModel, cfg: Any) -> None:
-    lm.adapter.norm_names(str(cfg.norm), "method.norm")
-    if str(cfg.value) not in GAMMA_VALUES:
+def _check_rotation(options: Any, cfg: Any, arch: Arch) -> None:
+    blocker = arch.adapter.rotation_blocker
+    if blocker is not None:
+        exact = [a.family for a in FAMILIES if a.rotation_blocker is None]
         raise ConfigError(
-            "method.value", f"unknown value '{cfg.value}' for gamma_smooth", allowed=GAMMA_VALUES
+            "method.name",
+            f"rotation does not apply to {arch.adapter.family} models: {blocker}",
+            allowed=exact,
         )
 
 
 @contextmanager
-def _gamma_smooth(inputs: MethodInputs) -> Iterator[MethodRecord]:
-    """γ at the COs of each norm's output (found on the calibration windows) set to the γ mean (or zero)."""
-    if inputs.calibration is None:
-        raise ValueError("gamma_smooth needs calibration windows (MethodInputs.calibration)")
-    lm = inputs.lm
-    norms = lm.adapter.norm_names(str(inputs.cfg.norm), "method.norm")
-    layers = list(range(lm.n_layers))
-    selection = norm_output_cos(lm, inputs.calibration, norms, layers, inputs.threshold, inputs.progress)
-    with edit_gamma(lm, selection, str(inputs.cfg.value)) as log:
-        yield Record({"method.value": log.value, "method.changed_total": log.total})
+def _none(inputs: Inputs) -> Iterator[Change]:
+    yield Unchanged()
 
 
 @contextmanager
-def _rotation(inputs: MethodInputs) -> Iterator[MethodRecord]:
-    with rotate(inputs.lm, int(inputs.cfg.seed)) as record:
-        yield Record(record)
+def _massive_y6(inputs: Inputs) -> Iterator[Change]:
+    th = inputs.threshold
+    with replace_massive(
+        inputs.lm, "mlp.hidden", None, str(inputs.options.value), float(th.ma_abs), float(th.ma_ratio)
+    ) as log:
+        yield log
 
 
-METHODS: dict[str, Method] = {
-    "none": Method(_none, "the unmodified model"),
-    "massive_y6": Method(
+@contextmanager
+def _gamma_smooth(inputs: Inputs) -> Iterator[Change]:
+    """γ at the COs of each norm's output (found on the calibration windows) set to the γ mean (or zero)."""
+    assert inputs.windows is not None, "gamma_smooth is calibrated"
+    lm = inputs.lm
+    norms = lm.adapter.norm_names(str(inputs.options.norm), "method.norm")
+    layers = list(range(lm.n_layers))
+    selection = norm_output_cos(lm, inputs.windows, norms, layers, inputs.threshold, inputs.progress)
+    with edit_gamma(lm, selection, str(inputs.options.value)) as log:
+        yield log
+
+
+@contextmanager
+def _smoothquant(inputs: Inputs) -> Iterator[Change]:
+    assert inputs.windows is not None, "smoothquant is calibrated"
+    act_max = calibrate(inputs.lm, inputs.windows, inputs.batch_size, inputs.progress)
+    with smooth(inputs.lm, act_max, float(inputs.options.alpha)) as record:
+        yield Transformed(record)
+
+
+@contextmanager
+def _rotation(inputs: Inputs) -> Iterator[Change]:
+    with rotate(inputs.lm, int(inputs.options.seed)) as record:
+        yield Transformed(record)
+
+
+METHODS: Registry[Treatment] = Registry("method", "method.name")
+METHODS.add("none", Treatment(_none, NoneOptions, "the unmodified model"))
+METHODS.add(
+    "massive_y6",
+    Treatment(
         _massive_y6,
+        MassiveY6Options,
         "massive activations at y6 (mlp.hidden, every layer) replaced by method.value, before quantizing",
-        check=_check_value,
     ),
-    "gamma_smooth": Method(
+)
+METHODS.add(
+    "gamma_smooth",
+    Treatment(
         _gamma_smooth,
+        GammaSmoothOptions,
         "γ of the norms at the channel-wise outliers of their output (calibration windows) set to the γ mean",
+        _check_gamma,
         calibrated=True,
-        check=_check_gamma,
     ),
-    "smoothquant": Method(
+)
+METHODS.add(
+    "smoothquant",
+    Treatment(
         _smoothquant,
+        SmoothQuantOptions,
         "SmoothQuant scales max|X|^α / max|W|^(1−α) folded into norms and the linears reading them",
         calibrated=True,
-        check=_check_alpha,
     ),
-    "rotation": Method(
+)
+METHODS.add(
+    "rotation",
+    Treatment(
         _rotation,
+        RotationOptions,
         "QuaRot-style randomized Hadamard rotation of the residual stream + online rotation before down_proj",
-        check=_check_rotation,
+        _check_rotation,
     ),
-}
-
-
-def get_method(name: str) -> Method:
-    """The registry entry, or a one-line ConfigError naming method.name."""
-    if name not in METHODS:
-        raise ConfigError("method.name", f"unknown method '{name}'", allowed=METHODS)
-    return METHODS[name]
+)

@@ -11,7 +11,7 @@
 Weights are transformed in float64 and cast back; attention internals (per-head rotations of v/o and of
 the KV cache, which QuaRot adds) are not rotated. Only Llama, Qwen2 and Mistral are supported: GPT-2's
 LayerNorm subtracts the mean and Gemma3's sandwich norms sit on the residual branches, which needs more
-than this fold.
+than this fold (their adapters say why in `rotation_blocker`).
 """
 
 from __future__ import annotations
@@ -23,27 +23,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from outlier_study.errors import require
+from outlier_study.adapters.linears import weight_out_in
 from outlier_study.interventions.edits import Edits, reversible
-from outlier_study.quant.layout import layout_for, weight_out_in
 from outlier_study.quant.orthogonal import KroneckerRotation, randomized_rotation
 
 if TYPE_CHECKING:
     from outlier_study.models.loader import LoadedModel
 
-ROTATION_MODEL_TYPES: tuple[str, ...] = ("llama", "qwen2", "mistral")
 _ROW_CHUNK = 8192  # rows per float64 product, so a large vocabulary never needs a float64 copy at once
-
-
-def check_rotation_support(lm: LoadedModel) -> None:
-    """Refuse architectures the fold above is not exact for, in one line naming the field."""
-    model_type = getattr(lm.model.config, "model_type", None)
-    require(
-        model_type in ROTATION_MODEL_TYPES,
-        "method.name",
-        f"rotation supports Llama-like models only, this model_type is '{model_type}'",
-        allowed=ROTATION_MODEL_TYPES,
-    )
 
 
 def _rows_times(w: torch.Tensor, right: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,18 +58,17 @@ def _rotate_layer(
     """Fold this layer's norm γ into its readers, rotate readers (W Q) and writers (Qᵀ W, b Q), and give
     down_proj the online rotation's transpose (W H)."""
     adapter = lm.adapter
-    layout = layout_for(adapter)
-    for key, readers in layout.readers.items():
-        norm = block.get_submodule(adapter.norms[key])
+    for key, readers in adapter.readers().items():
+        norm = adapter.module(block, adapter.norms[key].module)
         gamma = norm.weight.detach().double()
         for path in readers:
-            lin = block.get_submodule(path)
+            lin = adapter.module(block, path)
             edits.set_data(lin.weight, _rows_times(lin.weight.detach(), q64, gamma))
         edits.set_data(norm.weight, torch.ones_like(norm.weight))
-    for path in layout.writers:
-        lin = block.get_submodule(path)
+    for path in adapter.writers:
+        lin = adapter.module(block, path)
         w = lin.weight.detach()
-        if path == layout.down:
+        if path == adapter.down:
             w = _rows_times(w, h64)
         edits.set_data(lin.weight, _rows_times(w.t(), q64).t())  # Qᵀ W = (Wᵀ Q)ᵀ
         if lin.bias is not None:
@@ -95,7 +81,7 @@ def _rotate_ends(lm: LoadedModel, edits: Edits, q64: torch.Tensor) -> bool:
     model = lm.model
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head.weight is emb.weight
-    final = model.get_submodule(layout_for(lm.adapter).final_norm)
+    final = model.get_submodule(lm.adapter.final_norm)
     new_head = _rows_times(weight_out_in(head).detach(), q64, final.weight.detach().double())
     if tied:  # before the embedding edit below, which would otherwise reach the head too
         edits.set_attr(head, "weight", nn.Parameter(new_head, requires_grad=head.weight.requires_grad))
@@ -109,17 +95,17 @@ def _rotate_ends(lm: LoadedModel, edits: Edits, q64: torch.Tensor) -> bool:
 @contextmanager
 def rotate(lm: LoadedModel, seed: int = 0) -> Iterator[dict[str, Any]]:
     """Rotate the model for the block (see the module docstring); bit-exact restore on exit or error."""
-    check_rotation_support(lm)
     config = lm.model.config
     q_res = randomized_rotation(int(config.hidden_size), seed)
     h_mlp = randomized_rotation(int(config.intermediate_size), seed + 1)
     q64, h64 = q_res.matrix(), h_mlp.matrix()
-    down = layout_for(lm.adapter).down
+    adapter = lm.adapter
     with reversible() as edits, ExitStack() as stack:
         with torch.no_grad():  # not around the yield: the body keeps the caller's grad mode
-            for block in lm.adapter.layers(lm.model):
+            for block in adapter.blocks(lm.model):
                 _rotate_layer(block, lm, edits, q64, h64)
-                hook = block.get_submodule(down).register_forward_pre_hook(_online_hook(h_mlp), prepend=True)
+                down = adapter.module(block, adapter.down)
+                hook = down.register_forward_pre_hook(_online_hook(h_mlp), prepend=True)
                 stack.callback(hook.remove)
             tied = _rotate_ends(lm, edits, q64)
         yield {

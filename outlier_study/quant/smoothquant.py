@@ -19,23 +19,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from outlier_study.errors import require
-from outlier_study.measure.profiler import forward_windows
+from outlier_study.adapters.linears import to_storage, weight_out_in
 from outlier_study.interventions.edits import reversible
-from outlier_study.quant.layout import layout_for, to_storage, weight_out_in
+from outlier_study.measure.forward import forward_windows
 
 if TYPE_CHECKING:
     from outlier_study.models.loader import LoadedModel
 
 ActMax = dict[tuple[int, str], torch.Tensor]  # (layer, "attn" | "mlp") -> per-channel max |X|, float32
 _FLOOR = 1e-5  # floor of max|X|, max|W| and s (the reference implementation's clamp): no 0 or inf scale
-
-
-def check_alpha(alpha: Any) -> float:
-    """The migration strength α in [0, 1], else a one-line ConfigError naming method.alpha."""
-    ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0.0 <= float(alpha) <= 1.0
-    require(ok, "method.alpha", f"must be a number in [0, 1], got {alpha!r}", allowed=["0 ≤ α ≤ 1"])
-    return float(alpha)
 
 
 def _amax_hook(store: ActMax, key: tuple[int, str]) -> Any:
@@ -57,9 +49,9 @@ def calibrate(
     store: ActMax = {}
     adapter = lm.adapter
     with ExitStack() as stack:
-        for layer, block in enumerate(adapter.layers(lm.model)):
-            for key in layout_for(adapter).readers:
-                norm = block.get_submodule(adapter.norms[key])
+        for layer, block in enumerate(adapter.blocks(lm.model)):
+            for key in adapter.readers():
+                norm = adapter.module(block, adapter.norms[key].module)
                 stack.callback(norm.register_forward_hook(_amax_hook(store, (layer, key))).remove)
         forward_windows(lm, input_ids, batch_size, progress, "smoothquant calibration")
     return store
@@ -75,18 +67,17 @@ def smoothing_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: flo
 @contextmanager
 def smooth(lm: LoadedModel, act_max: ActMax, alpha: float) -> Iterator[dict[str, Any]]:
     """Fold SmoothQuant scales into norms and reading linears for the block; bit-exact restore on exit."""
-    alpha = check_alpha(alpha)
     adapter = lm.adapter
-    layout = layout_for(adapter)
-    blocks = adapter.layers(lm.model)
+    readers_of = adapter.readers()
+    blocks = adapter.blocks(lm.model)
     offset = float(adapter.gamma_offset)
     ratios: list[float] = []
     with reversible() as edits:
         with torch.no_grad():  # not around the yield: the body keeps the caller's grad mode
             for (layer, key), x_max in sorted(act_max.items()):
                 block = blocks[layer]
-                norm = block.get_submodule(adapter.norms[key])
-                readers = [block.get_submodule(p) for p in layout.readers[key]]
+                norm = adapter.module(block, adapter.norms[key].module)
+                readers = [adapter.module(block, p) for p in readers_of[key]]
                 w_max = torch.stack([weight_out_in(m).detach().abs().amax(dim=0) for m in readers]).amax(0)
                 s = smoothing_scales(x_max.to(w_max.device), w_max, alpha)
                 ratios.append(float(s.max() / s.min()))
@@ -97,7 +88,7 @@ def smooth(lm: LoadedModel, act_max: ActMax, alpha: float) -> Iterator[dict[str,
                 for lin in readers:
                     edits.set_data(lin.weight, to_storage(lin, weight_out_in(lin).detach().double() * s))
         yield {
-            "method.alpha": alpha,
+            "method.alpha": float(alpha),
             "smoothquant.n_norms": len(act_max),
             "smoothquant.max_scale_spread": max(ratios, default=float("nan")),
         }

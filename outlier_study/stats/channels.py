@@ -1,8 +1,8 @@
-"""Per-channel moments streamed inside hooks, and the channel-wise outlier (CO) rule built on them.
+"""Per-channel moments streamed inside hooks: all that the channel-wise outlier (CO) rule needs.
 
 CO detection needs only each channel's count, mean and variance: the tensor's own mean and σ follow from
-merging the channels, so a CO profile is one `var_mean` per hooked tensor (two cache-friendly passes)
-instead of the full reducer's medians, top-k and higher moments.
+merging the channels, so a CO profile is two column sums per hooked tensor instead of the full reducer's
+medians, top-k and higher moments.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from outlier_study.stats.moments import merge_channel_moments
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,9 @@ class ChannelReducer:
         self._m2: np.ndarray | None = None
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """x: (..., C); valid: optional bool mask broadcastable to x, False entries are left out."""
+    def update(self, x: torch.Tensor, window_offset: int = 0, valid: torch.Tensor | None = None) -> None:
+        """x: (..., C); valid: optional bool mask broadcastable to x, False entries are left out. Windows
+        are pooled, so `window_offset` (the reducer protocol's) does not matter here."""
         x = x.detach().reshape(-1, x.shape[-1])
         if valid is None:
             # Column sums as a matrix-vector product: on CPU ~10x faster than a reduction over dim 0
@@ -81,12 +84,9 @@ class ChannelReducer:
         if n_b.shape != self._n.shape:
             raise ValueError(f"channel count changed from {self._n.shape[0]} to {n_b.shape[0]}")
         assert self._mean is not None and self._m2 is not None
-        tot = self._n + n_b
-        frac = np.divide(n_b, tot, out=np.zeros_like(tot), where=tot > 0)
-        delta = mean_b - self._mean
-        self._mean = self._mean + delta * frac
-        self._m2 = self._m2 + m2_b + delta * delta * self._n * frac
-        self._n = tot
+        self._n, self._mean, self._m2 = merge_channel_moments(
+            (self._n, self._mean, self._m2), (n_b, mean_b, m2_b)
+        )
 
     def result(self) -> ChannelSummary:
         if self._n is None:
@@ -106,17 +106,3 @@ class ChannelReducer:
             tensor_std=float(np.sqrt(tensor_m2 / total)) if total else float("nan"),
             absolute=self.absolute,
         )
-
-
-def channel_outliers(summary: ChannelSummary, m: float, beta: float) -> np.ndarray:
-    """Channels j with mean_j − mean(A) > m·σ(A) and std_j < β (DESIGN §3): a shifted, steady channel.
-
-    The rule is one-sided as the paper writes it; with signed means a channel shifted downwards is not a
-    CO, with `absolute` summaries it is (its |A| mean is high). Returns sorted channel indices."""
-    if not m > 0:
-        raise ValueError(f"m must be > 0, got {m}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    with np.errstate(invalid="ignore"):
-        hit = (summary.mean - summary.tensor_mean > m * summary.tensor_std) & (summary.std < beta)
-    return np.flatnonzero(hit)

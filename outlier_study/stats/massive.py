@@ -1,8 +1,20 @@
-"""The massive-activation rule (Sun et al., 2024), shared by detection, attribution and interventions."""
+"""The massive-activation rule (Sun et al., 2024), shared by detection, attribution and interventions.
+
+An element is massive when |a| > ma_abs and |a| ≥ ma_ratio × the median |a| of its own window's tensor.
+`is_massive` is the one body of the rule; the reducers' streaming count is a specialization of it that the
+tests hold equal to it.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+
+def is_massive(abs_a: Any, median: Any, ma_abs: float, ma_ratio: float) -> Any:
+    """The rule on floats, numpy arrays or tensors (broadcasting); a nan median makes nothing massive."""
+    return (abs_a > ma_abs) & (abs_a >= ma_ratio * median)
 
 
 def window_medians(absx: torch.Tensor) -> torch.Tensor:
@@ -16,17 +28,12 @@ def may_hold_ma(x: torch.Tensor, ma_abs: float) -> bool:
     return bool(hi > ma_abs) or bool(lo < -ma_abs)
 
 
-def is_massive_value(abs_value: float, median: float, ma_abs: float, ma_ratio: float) -> bool:
-    """The rule for one value against its window's median |a| (a nan median: no MA)."""
-    return abs_value > ma_abs and abs_value >= ma_ratio * median
-
-
 def ma_mask(x: torch.Tensor, ma_abs: float, ma_ratio: float) -> torch.Tensor:
-    """Elements with |a| > ma_abs and |a| >= ma_ratio × median |a| of their own window; x is (B, ...)."""
+    """The MAs of x (B, ...), each window against its own median; the median is compared in float32, so
+    half inputs are not rounded at the boundary."""
     absx = x.abs()
-    med = window_medians(absx).float()
-    bound = torch.clamp(med * ma_ratio, min=ma_abs).view(-1, *([1] * (x.dim() - 1)))
-    return (absx > ma_abs) & (absx >= bound)  # float32 bound: half inputs are not rounded at the boundary
+    median = window_medians(absx).float().view(-1, *([1] * (x.dim() - 1)))
+    return is_massive(absx, median, ma_abs, ma_ratio)
 
 
 def ma_positions(x: torch.Tensor, ma_abs: float, ma_ratio: float) -> dict[tuple[int, ...], float]:
@@ -35,3 +42,9 @@ def ma_positions(x: torch.Tensor, ma_abs: float, ma_ratio: float) -> dict[tuple[
         return {}
     mask = ma_mask(x, ma_abs, ma_ratio)
     return dict(zip(map(tuple, mask.nonzero().tolist()), x[mask].float().tolist(), strict=True))
+
+
+def masked(x: torch.Tensor, ma_abs: float, ma_ratio: float) -> torch.Tensor | None:
+    """The MA mask of x, or None when no element can be one: one min/max reduction instead of a median per
+    window on every hooked tensor of every forward pass, since most hold no MA at all."""
+    return ma_mask(x, ma_abs, ma_ratio) if may_hold_ma(x, ma_abs) else None

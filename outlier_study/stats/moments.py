@@ -1,13 +1,17 @@
-"""Streaming global moments: merging (count, mean, M2, M3, M4) of two groups without revisiting data."""
+"""Merging streamed moments of two groups without revisiting data: global central moments up to the
+fourth (Pébay) and per-channel (count, mean, M2) (Chan et al.)."""
 
 from __future__ import annotations
 
+import numpy as np
+
 Moments = tuple[float, float, float, float, float]  # (n, mean, M2, M3, M4); M_p = sum of (a - mean)^p
 EMPTY_MOMENTS: Moments = (0.0, 0.0, 0.0, 0.0, 0.0)
+ChannelMoments = tuple[np.ndarray, np.ndarray, np.ndarray]  # per channel (count, mean, M2), float64
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
-    """Pebay's pairwise update of central moments: stable when the mean is large relative to the std."""
+    """Pébay's pairwise update of central moments: stable when the mean is large relative to the std."""
     na, ma, m2a, m3a, m4a = a
     nb, mb, m2b, m3b, m4b = b
     if nb == 0:
@@ -28,3 +32,13 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
         + 4.0 * dn * (na * m3b - nb * m3a)
     )
     return (n, mean, m2, m3, m4)
+
+
+def merge_channel_moments(a: ChannelMoments, b: ChannelMoments) -> ChannelMoments:
+    """Chan et al.'s parallel update per channel; a channel without elements in b keeps a's values."""
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    total = n_a + n_b
+    frac = n_b / np.maximum(total, 1.0)  # counts are whole numbers, so this is n_b / total, or 0 when empty
+    delta = mean_b - mean_a
+    return total, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac

@@ -14,6 +14,8 @@ Cost matters as much as correctness (the whole profile may add at most ~30% to a
   when the chunk's max could enter the running top-k, the massive-activation count only in windows whose
   max exceeds `ma_abs`; per-group merging is float64 numpy on (C,)-sized arrays;
 - masks are only built when a valid mask is given or non-finite values show up.
+
+Per-channel moments merge with `stats.moments.merge_channel_moments` (the rule ChannelReducer uses too).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from outlier_study.stats.moments import EMPTY_MOMENTS, Moments, merge_moments
+from outlier_study.stats.moments import EMPTY_MOMENTS, Moments, merge_channel_moments, merge_moments
 from outlier_study.stats.selection import rank_value, use_numpy_select
 
 # Above this |a| the float32 fourth powers used for the moments could overflow: such batches go float64.
@@ -340,19 +342,16 @@ class TapReducer:
         if self._ch_count is None:
             self._ch_count, self._ch_mean, self._ch_m2 = np.zeros(C), np.zeros(C), np.zeros(C)
             self._ch_absmax = np.full(C, -np.inf)
-        na, ma = self._ch_count, self._ch_mean
-        tot = na + n_c
-        frac = n_c / np.maximum(tot, 1.0)  # n_c is 0 where tot is
-        dm = mean_c - ma
-        self._ch_mean = ma + dm * frac  # Chan et al. parallel update
-        self._ch_m2 = self._ch_m2 + m2_c + dm * dm * na * frac
-        self._ch_count = tot
+        merged = merge_channel_moments((self._ch_count, self._ch_mean, self._ch_m2), (n_c, mean_c, m2_c))
+        self._ch_count, self._ch_mean, self._ch_m2 = merged
         self._ch_absmax = np.maximum(self._ch_absmax, ch_max)
 
     def _chunk_medians_and_ma(
         self, a: torch.Tensor, mc: torch.Tensor | None, wmax: list[float], offset: int
     ) -> None:
-        """Exact lower median of each window's valid |a|, then the massive-activation count. Excluded entries
+        """Exact lower median of each window's valid |a|, then the massive-activation count: the rule of
+        `stats.massive.is_massive`, specialized to one comparison against a threshold rounded to the data's
+        dtype (tests hold the two equal). Excluded entries
         are exactly the negative ones (-1): on CPU they are dropped by compaction, which is cheaper than
         selecting among them; on the device path they sort first, so the median is the element of rank
         n_invalid + (n_valid - 1) // 2."""

@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from outlier_study.output.files import write_text
+from outlier_study.output.tables import to_markdown, write_table
 from outlier_study.sweep.collect import PIVOTS, collect
 from outlier_study.sweep.report import render
-from outlier_study.output.files import write_text
-from outlier_study.output.tables import to_markdown, write_formats
 
 EXIT_OK, EXIT_NOT_ALL_OK, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         for table in collection.tables:
-            write_formats(out, table)
+            write_table(out, table, formats=("md", "csv", "tex"))
         report = out / "report.html"
         write_text(report, render(collection))
     except OSError as err:

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from outlier_study.sweep.jobs import STATES, Job, read_sweep, read_table, varying
 from outlier_study.output.tables import Table, format_value, rectangular
+from outlier_study.sweep.jobs import STATES, Job, read_sweep, read_table, varying
 
 RESERVED = ("metrics", "jobs")
 

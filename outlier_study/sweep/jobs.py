@@ -72,7 +72,7 @@ def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
 
 @dataclass
 class Job:
-    """One job folder as written by `app.run` (DESIGN §5), read once."""
+    """One job folder as written by `app.run`, read once."""
 
     path: Path
     name: str

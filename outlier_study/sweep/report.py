@@ -9,9 +9,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from outlier_study.output.tables import Table, rectangular, to_html
 from outlier_study.sweep.collect import Collection
 from outlier_study.sweep.jobs import Job, read_table
-from outlier_study.output.tables import Table, rectangular, to_html
 
 # Inline only: the page must open from a cluster's scratch disk or an e-mail attachment with no network.
 _CSS = """

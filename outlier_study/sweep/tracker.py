@@ -1,4 +1,4 @@
-"""`logger=wandb`: mirror a finished job directory into one W&B run (DESIGN §7).
+"""`logger=wandb`: mirror a finished job directory into one W&B run.
 
 The run is built from the files the job wrote, so W&B is never the only copy and can be rebuilt from disk.
 A W&B failure is reported (a warning line and `tracker.json`) but never fails the job or touches its results.
@@ -85,10 +85,18 @@ def layer_rows(path: Path) -> list[dict[str, Any]]:
     return [rows[layer] for layer in sorted(rows)]
 
 
+def effective_mode(cfg: DictConfig) -> str:
+    """logger.mode when set, else WANDB_MODE from the environment (as W&B reads it), else offline."""
+    if cfg.logger.mode is not None:
+        return str(cfg.logger.mode)
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    return {"dryrun": "offline", "run": "online"}.get(env, env) or "offline"
+
+
 def mirror(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     """One W&B run from the job's files; returns where it went. Raises on any W&B error."""
     lg = cfg.logger
-    mode = str(lg.mode)
+    mode = effective_mode(cfg)
     root = Path(lg.dir) if lg.dir else job_dir
     (root / "wandb").mkdir(parents=True, exist_ok=True)  # else wandb silently falls back to /tmp
     offline_environment(mode)
@@ -183,8 +191,16 @@ def check_config(cfg: DictConfig) -> None:
     lg = cfg.logger
     require(lg.name in TRACKERS, "logger.name", f"unknown tracker '{lg.name}'", TRACKERS)
     if lg.name == "wandb":
+        mode = effective_mode(cfg)
+        allowed = ("offline", "online", "disabled")
         require(
-            str(lg.mode) != "online" or bool(lg.project),
+            mode in allowed,
+            "logger.mode",
+            f"WANDB_MODE={mode!r} in the environment is not a W&B mode",
+            allowed,
+        )
+        require(
+            mode != "online" or bool(lg.project),
             "logger.project",
             "required with logger.mode=online (the W&B project the runs go to), e.g. logger.project=my-study",
         )

@@ -157,7 +157,9 @@ def find_runs(root: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Print each run below PATH as JSON: identity, config, summary, history length and files."""
-    parser = argparse.ArgumentParser(prog="python -m outlier_study.sweep.wandb_records", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m outlier_study.sweep.wandb_records", description=main.__doc__
+    )
     parser.add_argument("path", type=Path, help="a run-*.wandb file, or a folder searched for them")
     parser.add_argument("--history", action="store_true", help="print every history row too")
     args = parser.parse_args(argv)
