@@ -93,3 +93,10 @@ def check_bounds(schema: type, node: Any, prefix: str) -> None:
 
 def field_doc(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("doc", ""))
+
+
+def name_only(name: str, doc: str) -> type:
+    """The schema of an option that has no keys but its name (most paper items need none)."""
+    return dataclasses.make_dataclass(
+        f"{name.title().replace('_', '')}Options", [("name", str, opt(name, doc))]
+    )

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from outlier_study.config.options import opt
+from outlier_study.config.options import name_only, opt
 from outlier_study.context import Context
 from outlier_study.detect.rules import Selection, cos_by_key
 from outlier_study.experiments.base import experiment
@@ -38,14 +38,9 @@ def write_co_tables(ctx: Context, name: str, cos: Selection, layers: list[int], 
     write_table(ctx.tables_dir, Table.of(f"{name}_channels", ["layer", "tap", "count", "channels"], rows))
 
 
-@dataclass
-class CoOptions:
-    name: str = opt("co", "channel-wise outliers at every configured tap and layer")
-
-
 @experiment(
     "co",
-    CoOptions,
+    name_only("co", "channel-wise outliers at every configured tap and layer"),
     paper="",
     description="channel-wise outliers at every configured tap and layer, from streamed per-channel moments: "
     "counts and channel indices per layer, a count-per-layer plot",

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from outlier_study.config.options import opt
+from outlier_study.config.options import name_only
 from outlier_study.context import Context
 from outlier_study.experiments.base import experiment
 from outlier_study.experiments.common import evaluate, record_perplexity
 from outlier_study.interventions import Inputs, intervene
 
 
-@dataclass
-class PerplexityOptions:
-    name: str = opt("perplexity", "token-level perplexity under the configured intervention")
-
-
 @experiment(
     "perplexity",
-    PerplexityOptions,
+    name_only("perplexity", "token-level perplexity under the configured intervention"),
     paper="",
     description="token-level perplexity (exp of the mean NLL over predicted tokens) under any intervention, "
     "e.g. intervention=massive intervention.tap=y6",

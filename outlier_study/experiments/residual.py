@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from outlier_study.adapters.base import Arch
-from outlier_study.config.options import opt
+from outlier_study.config.options import name_only, opt
 from outlier_study.context import Context
 from outlier_study.experiments.base import experiment
 from outlier_study.experiments.common import Plot3DOptions, check_plot3d, profile, token_text
@@ -20,11 +20,6 @@ from outlier_study.output.files import write_figure
 from outlier_study.output.tables import Table, write_table
 
 CONDITIONS = ("original", "residual MAs removed")
-
-
-@dataclass
-class LayerInputsOptions:
-    name: str = opt("fig4", "per-layer top-3 |a| of the layer inputs, original vs residual MAs removed")
 
 
 @dataclass
@@ -78,15 +73,11 @@ def run_fig4(ctx: Context) -> dict[str, Any]:
 
 
 # Fig. 5 is Fig. 4 for GPT-2; its own name keeps its results apart.
-experiment(
-    "fig4",
-    LayerInputsOptions,
-    "Fig. 4",
-    "per-layer top-3 |a| of the layer inputs, original vs residual MAs removed",
-)(run_fig4)
-experiment("fig5", LayerInputsOptions, "Fig. 5", "Fig. 4 for a GPT-2-family model (gpt2-xl from the hub)")(
-    run_fig4
-)
+for _name, _item, _what in (
+    ("fig4", "Fig. 4", "per-layer top-3 |a| of the layer inputs, original vs residual MAs removed"),
+    ("fig5", "Fig. 5", "Fig. 4 for a GPT-2-family model (gpt2-xl from the hub)"),
+):
+    experiment(_name, name_only(_name, _what), _item, _what)(run_fig4)
 
 
 def _check_fig6(options: Any, cfg: Any, arch: Arch) -> None:

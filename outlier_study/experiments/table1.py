@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, fields
 from typing import Any
 
 import numpy as np
 
-from outlier_study.config.options import opt
+from outlier_study.config.options import name_only
 from outlier_study.context import Context
 from outlier_study.detect.attribution import MAEvent, attribute, first_appearance, tma_by_layer
 from outlier_study.experiments.base import experiment
@@ -17,11 +17,6 @@ from outlier_study.output.files import write_csv
 from outlier_study.output.tables import Table, write_table
 
 HEADER = ["layer", "top-1 TMA", "top-1 (token, channel)", "top-2 TMA", "top-2 (token, channel)", "windows"]
-
-
-@dataclass
-class Table1Options:
-    name: str = opt("table1", "true vs fake massive activations in the residual stream")
 
 
 def collect_events(ctx: Context, layers: list[int]) -> list[MAEvent]:
@@ -75,7 +70,7 @@ def lifecycle_rows(events: list[MAEvent]) -> list[list[Any]]:
 
 @experiment(
     "table1",
-    Table1Options,
+    name_only("table1", "true vs fake massive activations in the residual stream"),
     paper="Table 1",
     description="true (generated here) vs fake (carried) MAs in the residual stream: the top TMAs of the "
     "first layers that generate them and of the last two layers; where each channel's MAs are born and "

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
-from outlier_study.config.options import opt
+from outlier_study.config.options import name_only
 from outlier_study.context import Context
 from outlier_study.experiments.base import experiment
 from outlier_study.experiments.common import evaluate, record_perplexity
@@ -25,14 +24,9 @@ COLUMNS: tuple[tuple[str, str | None, str | None, str], ...] = (
 )
 
 
-@dataclass
-class Table2Options:
-    name: str = opt("table2", "perplexity with the MAs at y6 / y7 replaced by the mean or zero")
-
-
 @experiment(
     "table2",
-    Table2Options,
+    name_only("table2", "perplexity with the MAs at y6 / y7 replaced by the mean or zero"),
     paper="Table 2",
     description="token-level perplexity of the original model and with the MAs at y6 (mlp.hidden) and y7 "
     "(mlp.out) of every layer replaced by the tensor mean or zero; one model load serves all five",

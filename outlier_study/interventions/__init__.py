@@ -5,18 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
-from outlier_study.config.options import opt
+from outlier_study.config.options import name_only
 from outlier_study.interventions import channels, massive, residual
 from outlier_study.interventions.record import Change, Unchanged
 from outlier_study.interventions.treatment import Inputs, Treatment
 from outlier_study.registry import Registry
-
-
-@dataclass
-class NoneOptions:
-    name: str = opt("none", "measure the unmodified model")
 
 
 @contextmanager
@@ -25,7 +19,9 @@ def _none(inputs: Inputs) -> Iterator[Change]:
 
 
 INTERVENTIONS: Registry[Treatment] = Registry("intervention", "intervention.name")
-INTERVENTIONS.add("none", Treatment(_none, NoneOptions, "the unmodified model"))
+INTERVENTIONS.add(
+    "none", Treatment(_none, name_only("none", "measure the unmodified model"), "the unmodified model")
+)
 INTERVENTIONS.add("massive", massive.TREATMENT)
 INTERVENTIONS.add("residual", residual.TREATMENT)
 INTERVENTIONS.add("gamma", channels.GAMMA)

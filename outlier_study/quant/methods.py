@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from outlier_study.adapters import FAMILIES
-from outlier_study.config.options import opt
+from outlier_study.config.options import name_only, opt
 from outlier_study.config.vocab import GammaValue, MAValue
 from outlier_study.detect.select import norm_output_cos
 from outlier_study.errors import ConfigError
@@ -29,11 +29,6 @@ if TYPE_CHECKING:
     from outlier_study.adapters.base import Arch
 
 CALIB_DOC = "calibration windows (dataset.seq_len tokens each), disjoint from the evaluation windows"
-
-
-@dataclass
-class NoneOptions:
-    name: str = opt("none", "the unmodified model")
 
 
 @dataclass
@@ -123,7 +118,7 @@ def _rotation(inputs: Inputs) -> Iterator[Change]:
 
 
 METHODS: Registry[Treatment] = Registry("method", "method.name")
-METHODS.add("none", Treatment(_none, NoneOptions, "the unmodified model"))
+METHODS.add("none", Treatment(_none, name_only("none", "the unmodified model"), "the unmodified model"))
 METHODS.add(
     "massive_y6",
     Treatment(
