@@ -69,10 +69,15 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> Path:
         torch.manual_seed(cfg.seed)
         lm = MODELS.get(cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache, keep=cfg.reuse_models)
         windows = build_windows(cfg.dataset, lm.tokenizer, text)
-        write_json(job_dir / "env.json", environment({"model": lm.info, "model_reused": MODELS.last_reused}))
+        entry = EXPERIMENTS.get(cfg.experiment.name)
+        item = {"name": str(cfg.experiment.name), "paper": entry.paper, "description": entry.description}
+        write_json(
+            job_dir / "env.json",
+            environment({"model": lm.info, "model_reused": MODELS.last_reused, "experiment": item}),
+        )
         write_json(job_dir / "windows.json", {**windows.protocol, "starts": windows.starts})
         ctx = Context(cfg=cfg, lm=lm, windows=windows, taps=plan.taps, layers=plan.layers, job_dir=job_dir)
-        metrics = EXPERIMENTS.get(cfg.experiment.name).run(ctx)
+        metrics = entry.run(ctx)
         write_json(job_dir / "metrics.json", metrics)
         track(cfg, job_dir)  # W&B mirrors the files just written; its failures never fail the job
     except BaseException as err:

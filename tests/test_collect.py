@@ -132,7 +132,7 @@ def test_failed_job_is_listed_everywhere_and_exit_code_is_1(
     metrics = _csv(sweep / "collected" / "metrics.csv")
     assert [row[metrics[0].index("status")] for row in metrics[1:]].count("failed") == len(failed)
     report = (sweep / "collected" / "report.html").read_text()
-    failures = report.split('<h2 id="failed">')[1].split("<h2>")[0]
+    failures = report.split('<h2 id="failed">')[1].split("<h2")[0]
     assert failures.count("Traceback (most recent call last)") == len(failed)
     for job in failed:
         error = _status(job)["error"]

@@ -1,4 +1,10 @@
-"""One self-contained HTML page for a collected sweep: tables, figures as data URIs, failures, provenance."""
+"""One self-contained HTML page for a collected sweep, laid out like the paper.
+
+A header with the model, data and protocol; failures first; the paper's findings next to what the run
+measured; then one section per paper item in the paper's order (its figures, then its table in the
+paper's layout, the raw tables folded away), studies beyond the paper after them, and provenance. Figures
+are data URIs: the page opens from a cluster's scratch disk or an e-mail attachment with no network.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,32 @@ from pathlib import Path
 from typing import Any
 
 from outlier_study.output.tables import Table, rectangular, to_html
-from outlier_study.sweep.collect import Collection
+from outlier_study.sweep.claims import findings
+from outlier_study.sweep.collect import PIVOTS, Collection
 from outlier_study.sweep.jobs import Job, read_table
 
-# Inline only: the page must open from a cluster's scratch disk or an e-mail attachment with no network.
+# The paper's items in the order the paper presents them: massive activations, then channel-wise outliers.
+PAPER_ORDER = (
+    "table1",
+    "fig4",
+    "fig5",
+    "fig6",
+    "table2",
+    "table45",
+    "fig7",
+    "fig8",
+    "fig9",
+    "table3",
+    "table6",
+)
+# The table that is an item's own (shown open; the job's other tables are folded), when not its name.
+MAIN_TABLE = {
+    "fig4": "fig4_tops",
+    "fig5": "fig4_tops",
+    "profile": "ma_tracks",
+    "co": "channel_outliers_counts",
+}
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;
 padding:0 1em;color:#222;line-height:1.4}
@@ -23,7 +51,7 @@ th,td{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top
 th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
 caption{caption-side:top;text-align:left;font-style:italic;padding-bottom:.2em}
 .note{font-size:.85em;color:#555;margin-top:-.6em}
-.status-ok{color:#176317}.status-failed,.status-incomplete{color:#b00020;font-weight:bold}
+.status-ok,.agrees{color:#176317}.status-failed,.status-incomplete,.differs{color:#b00020;font-weight:bold}
 .status-running{color:#9a6700;font-weight:bold}
 pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.85em}
 figure{display:inline-block;margin:.5em;vertical-align:top}figure img{max-width:100%;border:1px solid #ddd}
@@ -54,6 +82,52 @@ def _label(job: Job, parameters: list[str]) -> str:
     return ", ".join(f"{k}={job.param(k)}" for k in parameters) or job.name
 
 
+def experiment_of(job: Job) -> str:
+    """The experiment a job ran: from env.json, else its composed config."""
+    recorded = ((job.env or {}).get("experiment") or {}).get("name")
+    return str(recorded or job.param("experiment") or "unknown")
+
+
+def _item_title(experiment: str, jobs: list[Job]) -> str:
+    recorded = next(((j.env or {}).get("experiment") for j in jobs if (j.env or {}).get("experiment")), None)
+    if not recorded:
+        return experiment
+    paper = recorded.get("paper") or "beyond the paper"
+    return f"{paper} — {recorded.get('description', '')} (experiment={experiment})"
+
+
+def _spread(values: list[Any]) -> str:
+    """'v (n jobs)' for each distinct value, so a sweep run from two commits shows both."""
+    counts = Counter("—" if v is None else str(v) for v in values)
+    return "; ".join(f"{v} ({n} job{'s' if n > 1 else ''})" for v, n in sorted(counts.items()))
+
+
+def _setup(collection: Collection) -> str:
+    """Model, data and protocol of the jobs: what every number on the page depends on."""
+    keys = (
+        ("model", ("model", "name")),
+        ("dataset", ("dataset", "name")),
+        ("tokens per window", ("dataset", "seq_len")),
+        ("windows", ("dataset", "n_windows")),
+        ("sampling", ("dataset", "sampling")),
+        ("BOS", ("dataset", "bos")),
+        ("dtype", ("dtype",)),
+        ("MA rule |a| >", ("threshold", "ma_abs")),
+        ("MA rule × median", ("threshold", "ma_ratio")),
+        ("CO rule m", ("threshold", "m")),
+        ("CO rule β", ("threshold", "beta")),
+    )
+
+    def get(job: Job, path: tuple[str, ...]) -> Any:
+        node: Any = job.config
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    rows = [(label, _spread([get(j, path) for j in collection.jobs])) for label, path in keys]
+    return _kv_table(rows, ("", "value (jobs)"))
+
+
 def _failures(collection: Collection) -> str:
     bad = [(i, j) for i, j in enumerate(collection.jobs) if not j.ok]
     if not bad:
@@ -68,48 +142,74 @@ def _failures(collection: Collection) -> str:
     return "\n".join(parts)
 
 
-def _job_section(index: int, job: Job, parameters: list[str]) -> str:
+def _claims(collection: Collection) -> str:
+    by_experiment: dict[str, list[tuple[str, Job]]] = {}
+    for job in collection.jobs:
+        by_experiment.setdefault(experiment_of(job), []).append((_label(job, collection.parameters), job))
+    rows = [
+        (
+            f.claim.item,
+            f.claim.text,
+            f.job or "—",
+            f.measured,
+            f'<span class="{f.verdict}">{_e(f.verdict)}</span>',
+        )
+        for f in findings(by_experiment)
+    ]
+    head = "".join(
+        f"<th>{h}</th>" for h in ("item", "the paper finds", "job", "this run measured", "verdict")
+    )
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row[:4]) + f"<td>{row[4]}</td></tr>" for row in rows
+    )
+    note = (
+        "<p class='note'>Each verdict is computed from the job's own result files "
+        "(<code>metrics.json</code>, <code>ma_events.csv</code>, <code>tables/</code>).</p>"
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
+
+
+def _table_html(path: Path) -> str:
+    header, rows = read_table(path)
+    return f"<h4>tables/{_e(path.name)}</h4>" + to_html(
+        Table(path.stem, tuple(header), rectangular(header, rows))
+    )
+
+
+def _job_section(index: int, job: Job, parameters: list[str], main: str) -> str:
+    """A job's figures first, then its own table, everything else folded."""
     parts = [f'<section id="job-{index}"><h3>{_e(_label(job, parameters))} — {_status(job.status)}</h3>']
-    parts.append(f"<p>folder <code>{_e(job.name)}</code></p>")
     if job.error:
         parts.append(f"<p><code>{_e(job.error)}</code></p>")
-    params = [(k, job.param(k)) for k in parameters]
-    if params:
-        parts.append(_kv_table(params, ("parameter", "value")))
-    if job.overrides is not None:
-        parts.append(
-            f"<p>overrides: <code>{_e(' '.join(f'{k}={v}' for k, v in job.overrides.items()))}</code></p>"
-        )
-    if job.metrics:
-        pairs = [(k, json.dumps(v) if isinstance(v, dict | list) else str(v)) for k, v in job.metrics.items()]
-        parts.append(
-            "<details><summary>metrics.json</summary>" + _kv_table(pairs, ("metric", "value")) + "</details>"
-        )
-    for name, path in job.table_files().items():
-        header, rows = read_table(path)
-        parts.append(f"<h4>tables/{_e(path.name)}</h4>")
-        parts.append(to_html(Table(name, tuple(header), rectangular(header, rows))))
-    for name, path in job.markdown_only_tables().items():
-        parts.append(f"<h4>tables/{_e(name)}.md</h4><pre>{_e(path.read_text(encoding='utf-8'))}</pre>")
     for fig in job.figures():
         rel = fig.relative_to(job.path).as_posix()
         parts.append(f"<figure>{_img(fig, f'{job.name}: {rel}')}<figcaption>{_e(rel)}</figcaption></figure>")
+    tables = job.table_files()
+    if main in tables:
+        parts.append(_table_html(tables[main]))
+    folded = [f"<p>folder <code>{_e(job.name)}</code></p>"]
+    params = [(k, job.param(k)) for k in parameters]
+    if params:
+        folded.append(_kv_table(params, ("parameter", "value")))
+    if job.overrides is not None:
+        overrides = " ".join(f"{k}={v}" for k, v in job.overrides.items())
+        folded.append(f"<p>overrides: <code>{_e(overrides)}</code></p>")
+    folded += [_table_html(path) for name, path in tables.items() if name != main]
+    for name, path in job.markdown_only_tables().items():
+        folded.append(f"<h4>tables/{_e(name)}.md</h4><pre>{_e(path.read_text(encoding='utf-8'))}</pre>")
+    if job.metrics:
+        pairs = [(k, json.dumps(v) if isinstance(v, dict | list) else str(v)) for k, v in job.metrics.items()]
+        folded.append("<h4>metrics.json</h4>" + _kv_table(pairs, ("metric", "value")))
     if job.traceback:
-        parts.append(f"<details><summary>traceback</summary><pre>{_e(job.traceback)}</pre></details>")
+        folded.append(f"<h4>traceback</h4><pre>{_e(job.traceback)}</pre>")
     config = job.path / ".hydra" / "config.yaml"
     if config.is_file():
-        text = config.read_text(encoding="utf-8")
-        parts.append(
-            f"<details><summary>composed config (.hydra/config.yaml)</summary><pre>{_e(text)}</pre></details>"
-        )
+        folded.append(f"<h4>composed config</h4><pre>{_e(config.read_text(encoding='utf-8'))}</pre>")
+    parts.append(
+        "<details><summary>raw tables, metrics and config</summary>" + "\n".join(folded) + "</details>"
+    )
     parts.append("</section>")
     return "\n".join(parts)
-
-
-def _spread(values: list[Any]) -> str:
-    """'v (n jobs)' for each distinct value, so a sweep run from two commits shows both."""
-    counts = Counter("—" if v is None else str(v) for v in values)
-    return "; ".join(f"{v} ({n} job{'s' if n > 1 else ''})" for v, n in sorted(counts.items()))
 
 
 def _provenance(collection: Collection) -> str:
@@ -153,24 +253,54 @@ def render(collection: Collection) -> str:
     counts = collection.counts()
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     title = f"outlier-study: {collection.sweep_dir.name}"
-    toc = ['<li><a href="#failed">failed and incomplete jobs</a></li>']
-    toc += [f'<li><a href="#table-{_e(t.name)}">{_e(t.name)}</a></li>' for t in collection.tables]
-    toc += ['<li><a href="#jobs">each job: tables, figures, config</a></li>']
-    toc += ['<li><a href="#provenance">provenance</a></li>']
+    by_experiment: dict[str, list[tuple[int, Job]]] = {}
+    for i, job in enumerate(collection.jobs):
+        by_experiment.setdefault(experiment_of(job), []).append((i, job))
+    order = [e for e in PAPER_ORDER if e in by_experiment] + sorted(
+        e for e in by_experiment if e not in PAPER_ORDER
+    )
+    pivot_names = tuple(p.name for p in PIVOTS)
+    pivots = [t for t in collection.tables if t.name.startswith(pivot_names)]
+    others = [t for t in collection.tables if not t.name.startswith(pivot_names)]
+
+    toc = [
+        '<li><a href="#setup">model, data and protocol</a></li>',
+        '<li><a href="#failed">failed jobs</a></li>',
+    ]
+    toc += ['<li><a href="#claims">the paper\'s findings against this run</a></li>']
+    toc += [
+        f'<li><a href="#item-{_e(e)}">{_e(_item_title(e, [j for _, j in by_experiment[e]]))}</a></li>'
+        for e in order
+    ]
+    toc += [
+        '<li><a href="#collected">tables across jobs</a></li>',
+        '<li><a href="#provenance">provenance</a></li>',
+    ]
     body = [
         f"<h1>{_e(title)}</h1>",
         f"<p>sweep <code>{_e(collection.sweep_dir.resolve())}</code>: "
         f"{len(collection.jobs)} job(s): {_e(summary)}. Layers are numbered from 0.</p>",
         f"<nav><ul>{''.join(toc)}</ul></nav>",
+        '<h2 id="setup">Model, data and protocol</h2>',
+        _setup(collection),
         '<h2 id="failed">Failed and incomplete jobs</h2>',
         _failures(collection),
-        "<h2>Collected tables</h2>",
+        '<h2 id="claims">The paper\'s findings against this run</h2>',
+        _claims(collection),
     ]
-    for table in collection.tables:
-        body.append(f'<h3 id="table-{_e(table.name)}">{_e(table.name)}</h3>')
-        body.append(to_html(table))
-    body.append('<h2 id="jobs">Each job: tables, figures, config</h2>')
-    body += [_job_section(i, job, collection.parameters) for i, job in enumerate(collection.jobs)]
+    for experiment in order:
+        jobs = by_experiment[experiment]
+        body.append(
+            f'<h2 id="item-{_e(experiment)}">{_e(_item_title(experiment, [j for _, j in jobs]))}</h2>'
+        )
+        main = MAIN_TABLE.get(experiment, experiment)
+        body += [_job_section(i, job, collection.parameters, main) for i, job in jobs]
+    body.append('<h2 id="collected">Tables across jobs</h2>')
+    for table in pivots:
+        body.append(f'<h3 id="table-{_e(table.name)}">{_e(table.name)}</h3>' + to_html(table))
+    for table in others:
+        name = _e(table.name)
+        body.append(f'<details><summary id="table-{name}">{name}</summary>{to_html(table)}</details>')
     body += ['<h2 id="provenance">Provenance</h2>', _provenance(collection)]
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
