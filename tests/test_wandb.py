@@ -180,7 +180,8 @@ def test_summary_equals_metrics_json(job: Job) -> None:
 def test_config_equals_composed_config_on_disk(job: Job) -> None:
     on_disk = OmegaConf.to_container(OmegaConf.load(job.dir / ".hydra" / "config.yaml"), resolve=True)
     assert job.run.config == on_disk
-    assert job.run.config["logger"]["mode"] == "offline"
+    assert job.run.config["logger"]["mode"] is None  # null: WANDB_MODE decides, and the tests unset it ...
+    assert json.loads((job.dir / "tracker.json").read_text())["mode"] == "offline"  # ... so offline it was
 
 
 def test_tables_and_images_equal_the_files_on_disk(job: Job) -> None:
@@ -264,8 +265,11 @@ def test_multirun_jobs_are_separate_runs_grouped_by_sweep(sweep: Sweep) -> None:
         assert [row["layer"] for row in r.history if "layer" in row] == [0, 1, 2]
 
 
-def test_listener_sees_an_online_run(job: Job, tmp_path: Path) -> None:
-    """Control for the check above: the same tracker in online mode does reach the listener."""
+def test_an_unreachable_server_costs_the_timeout_then_the_run_is_written_offline(
+    job: Job, tmp_path: Path
+) -> None:
+    """Online mode against a server that never answers: the tracker did try (the listener saw it), gave up
+    after logger.init_timeout, wrote the same run offline and said how to upload it; the job is ok."""
     job_dir = shutil.copytree(job.dir, tmp_path / "job", ignore=shutil.ignore_patterns("wandb"))
     listener = Listener()
     code = (
@@ -277,8 +281,14 @@ def test_listener_sees_an_online_run(job: Job, tmp_path: Path) -> None:
         "    cfg = compose('config', overrides=sys.argv[2:])\n"
         "track(cfg, Path(sys.argv[1]))\n"
     )
-    overrides = [*JOB, "logger.mode=online", "logger.project=p", f"logger.dir={tmp_path}"]
-    env = {**listener.env(tmp_path), "WANDB_API_KEY": "x" * 40, "WANDB_INIT_TIMEOUT": "3"}
+    overrides = [
+        *JOB,
+        "logger.mode=online",
+        "logger.project=p",
+        "logger.init_timeout=3",
+        f"logger.dir={tmp_path}",
+    ]
+    env = {**listener.env(tmp_path), "WANDB_API_KEY": "x" * 40}
     try:
         out = subprocess.run(
             [sys.executable, "-c", code, str(job_dir), *overrides],
@@ -291,8 +301,33 @@ def test_listener_sees_an_online_run(job: Job, tmp_path: Path) -> None:
         connections = listener.close()
     assert out.returncode == 0, out.stderr
     assert connections > 0
-    assert "logger=wandb failed" in out.stderr  # nothing answers there, so the tracker reports and goes on
-    assert json.loads((job_dir / "tracker.json").read_text())["status"] == "failed"
+    [warning] = [line for line in out.stderr.splitlines() if line.startswith("warning: logger=wandb")]
+    assert "no answer from the W&B server within 3 s" in warning and "wandb sync " in warning
+    record = json.loads((job_dir / "tracker.json").read_text())
+    assert record["status"] == "offline_fallback" and record["mode"] == "offline" and record["online_error"]
+    assert record["sync"] == f"wandb sync {record['run_dir']}" and record["sync"] in warning
+    run = read_run(Path(record["run_dir"]))
+    assert run.summary["tokens"] == json.loads((job_dir / "metrics.json").read_text())["tokens"]
+
+
+def test_wandb_mode_from_the_environment_is_respected(tmp_path: Path) -> None:
+    """logger.mode=null: WANDB_MODE decides, as W&B documents it; disabled writes no run at all."""
+    env = {**os.environ, **wandb_dirs(tmp_path), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    out = subprocess.run(
+        [*CLI, *JOB, f"paths.output_root={tmp_path}"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    [tracker] = tmp_path.rglob("tracker.json")
+    assert json.loads(tracker.read_text())["status"] == "disabled" and not find_runs(tmp_path)
+    env["WANDB_MODE"] = "online"  # online without a project is refused before any work, not made offline
+    out = subprocess.run(
+        [*CLI, *JOB, f"paths.output_root={tmp_path / 'b'}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "logger.project: required with logger.mode=online" in out.stderr
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,9 @@
 the taps where activations overflowed (inf/nan).
 
 An MA carried by the residual stream is the top value of ten or twenty consecutive taps; listing each of
-those is noise. A track groups the top-1 MA entries of one (window, token, channel) in forward order:
-where it first appears, the layers that carry it, its peak, and where it was last seen.
+those is noise. A track groups the top-1 MA entries of one (token, channel) in forward order: where it is
+born (and the y6 spike it is born from), the layers that carry it, its peak, and the sublayer that adds
+the opposite sign where it is cancelled.
 """
 
 from __future__ import annotations
@@ -20,73 +21,114 @@ RESIDUAL_WIDTH = frozenset(
     {"resid.pre", "resid.mid", "resid.post", "attn.norm", "mlp.norm", "attn.out", "mlp.out"}
     | {"attn.post_norm", "mlp.post_norm"}
 )
+STREAM = ("resid.pre", "resid.mid", "resid.post")  # the residual stream itself
+BRANCHES = frozenset({"attn.out", "mlp.out", "attn.post_norm", "mlp.post_norm"})  # what sublayers add to it
 TRACK_HEADER = (
     "channel",
     "token",
     "token_text",
-    "window",
+    "windows",
     "born",
-    "layers",
+    "from y6",
+    "carried through layers",
     "peak",
-    "peak_at",
-    "last_seen",
-    "taps",
+    "cancelled",
 )
 
 
 @dataclass(frozen=True)
-class Track:
-    """One massive activation followed through the layers (top-1 MA entries at one position)."""
+class Hit:
+    """A rank-1 entry of topk.csv that meets the MA rule."""
 
+    layer: int
+    tap: str
+    value: float
     window: int
     token: int
     channel: int
-    token_text: str
-    entries: tuple[tuple[int, str, float], ...]  # (layer, tap, signed value) in forward order
+    text: str
 
     @property
-    def peak(self) -> tuple[int, str, float]:
-        return max(self.entries, key=lambda e: abs(e[2]))
+    def order(self) -> tuple[int, int]:
+        return self.layer, CANONICAL_TAPS.index(self.tap)
+
+    def at(self) -> str:
+        return f"layer {self.layer} {self.tap} ({self.value:+.2f})"
+
+
+@dataclass(frozen=True)
+class Track:
+    """One massive activation followed through the layers: its hits at one (token, channel), in forward
+    order (a token position usually holds it in every window)."""
+
+    hits: tuple[Hit, ...]
+    source: Hit | None = None  # the y6 (mlp.hidden) spike at the same token and layer where it is born
+
+    @property
+    def peak(self) -> Hit:
+        return max(self.hits, key=lambda h: abs(h.value))
+
+    @property
+    def cancelled(self) -> Hit | None:
+        """The first sublayer output after the birth that adds the opposite sign: where the MA is removed."""
+        positive = self.peak.value > 0
+        return next((h for h in self.hits[1:] if h.tap in BRANCHES and (h.value > 0) != positive), None)
 
     def row(self) -> list[Any]:
-        (first_layer, first_tap, first_value), (last_layer, last_tap, _) = self.entries[0], self.entries[-1]
-        layer, tap, value = self.peak
-        span = f"{first_layer}" if first_layer == last_layer else f"{first_layer}–{last_layer}"
+        peak, cancelled = self.peak, self.cancelled
+        carried = sorted({h.layer for h in self.hits if h.tap in STREAM})
+        span = "—" if not carried else f"{carried[0]}" if len(carried) == 1 else f"{carried[0]}–{carried[-1]}"
+        source = "—" if self.source is None else f"channel {self.source.channel} ({self.source.value:+.2f})"
         return [
-            self.channel,
-            self.token,
-            self.token_text,
-            self.window,
-            f"layer {first_layer} {first_tap} ({first_value:+.2f})",
+            peak.channel,
+            peak.token,
+            peak.text,
+            " ".join(str(w) for w in sorted({h.window for h in self.hits})),
+            self.hits[0].at(),
+            source,
             span,
-            f"{value:.2f}",
-            f"layer {layer} {tap}",
-            f"layer {last_layer} {last_tap}",
-            len(self.entries),
+            peak.at(),
+            "—" if cancelled is None else cancelled.at(),
         ]
 
 
-def _forward_order(entry: tuple[int, str, float]) -> tuple[int, int]:
-    return entry[0], CANONICAL_TAPS.index(entry[1])
+def _grouped(hits: Sequence[Hit], key: Any) -> list[tuple[Hit, ...]]:
+    groups: dict[Any, list[Hit]] = {}
+    for h in hits:
+        groups.setdefault(key(h), []).append(h)
+    return [tuple(sorted(g, key=lambda h: h.order)) for g in groups.values()]
 
 
 def ma_tracks(topk: Sequence[Mapping[str, Any]]) -> list[Track]:
-    """Tracks from the rows of topk.csv (named by its header): every rank-1 entry that is an MA, grouped by
-    position; channels of the residual width and of each other tap are kept apart. Strongest first."""
-    groups: dict[tuple[int, int, int, str], list[tuple[int, str, float]]] = {}
-    texts: dict[tuple[int, int, int, str], str] = {}
-    for r in topk:
-        if int(r["rank"]) != 1 or not int(r["is_ma"]):
-            continue
-        space = "residual" if r["tap"] in RESIDUAL_WIDTH else str(r["tap"])
-        key = (int(r["window"]), int(r["token"]), int(r["channel"]), space)
-        groups.setdefault(key, []).append((int(r["layer"]), str(r["tap"]), float(r["value"])))
-        texts[key] = str(r["token_text"])
-    tracks = [
-        Track(w, t, c, texts[(w, t, c, s)], tuple(sorted(entries, key=_forward_order)))
-        for (w, t, c, s), entries in groups.items()
+    """Tracks from the rows of topk.csv (named by its header): the rank-1 MAs of the residual width grouped
+    by (token, channel), each with the y6 spike it is born from; MAs of other widths (a y6 spike that
+    made nothing, attention maps) are tracks of their own. Strongest first."""
+    hits = [
+        Hit(
+            int(r["layer"]),
+            str(r["tap"]),
+            float(r["value"]),
+            int(r["window"]),
+            int(r["token"]),
+            int(r["channel"]),
+            str(r["token_text"]),
+        )
+        for r in topk
+        if int(r["rank"]) == 1 and int(r["is_ma"])
     ]
-    return sorted(tracks, key=lambda tr: -abs(tr.peak[2]))
+    spikes = [h for h in hits if h.tap == "mlp.hidden"]
+    used: set[Hit] = set()
+    tracks = []
+    for group in _grouped([h for h in hits if h.tap in RESIDUAL_WIDTH], lambda h: (h.token, h.channel)):
+        born = group[0]
+        candidates = [s for s in spikes if (s.token, s.layer) == (born.token, born.layer)]
+        source = max(candidates, key=lambda s: abs(s.value)) if candidates else None
+        if source is not None:
+            used.add(source)
+        tracks.append(Track(group, source))
+    rest = [h for h in hits if h.tap not in RESIDUAL_WIDTH and h not in used]
+    tracks += [Track(group) for group in _grouped(rest, lambda h: (h.token, h.channel, h.tap))]
+    return sorted(tracks, key=lambda tr: -abs(tr.peak.value))
 
 
 def nonfinite_rows(stats: StatsByTap) -> list[list[Any]]:

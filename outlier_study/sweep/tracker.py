@@ -11,11 +11,14 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from outlier_study.config.vocab import TrackerMode
 from outlier_study.errors import require
 from outlier_study.output.files import read_csv, write_json
 
@@ -47,17 +50,27 @@ def run_name(cfg: DictConfig, job_dir: Path) -> str:
     return job_dir.name
 
 
-def offline_environment(mode: str) -> None:
-    """Environment switches wandb reads only from os.environ, when its process-wide setup starts.
+@contextmanager
+def wandb_environment(mode: str) -> Iterator[None]:
+    """The environment switches wandb reads only from os.environ when its process-wide setup starts, set
+    for one mirroring and restored after it (the next job of an in-process sweep reads the user's own).
 
     `mode=` alone is not enough: telemetry and the service's error reporting are configured from the
-    environment, so offline runs set both here. Child processes inherit them.
-    """
+    environment, so offline runs set both here."""
+    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_ERROR_REPORTING")}
     os.environ["WANDB_MODE"] = mode
     if mode == "offline":
         os.environ["WANDB_ERROR_REPORTING"] = "false"
     else:
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def table_cell(text: str) -> int | float | str:
@@ -93,17 +106,21 @@ def effective_mode(cfg: DictConfig) -> str:
     return {"dryrun": "offline", "run": "online"}.get(env, env) or "offline"
 
 
-def mirror(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
+def mirror(cfg: DictConfig, job_dir: Path, mode: str) -> dict[str, Any]:
     """One W&B run from the job's files; returns where it went. Raises on any W&B error."""
+    with wandb_environment(mode):
+        return _mirror(cfg, job_dir, mode)
+
+
+def _mirror(cfg: DictConfig, job_dir: Path, mode: str) -> dict[str, Any]:
     lg = cfg.logger
-    mode = effective_mode(cfg)
     root = Path(lg.dir) if lg.dir else job_dir
     (root / "wandb").mkdir(parents=True, exist_ok=True)  # else wandb silently falls back to /tmp
-    offline_environment(mode)
     import wandb
 
     settings = wandb.Settings(
         mode=mode,
+        init_timeout=float(lg.init_timeout),  # an unreachable server costs this long, not wandb's 90 s
         console="off",  # the job's own output is already on screen and in Hydra's log
         silent=True,
         save_code=False,
@@ -166,24 +183,50 @@ def log_tables_and_figures(run: Any, job_dir: Path) -> None:
         run.log(media)
 
 
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def _failed(job_dir: Path, error: str) -> None:
+    write_json(job_dir / "tracker.json", {"tracker": "wandb", "status": "failed", "error": error})
+    print(f"warning: logger=wandb failed ({error}); the results on disk are complete", file=sys.stderr)
+
+
 def track(cfg: DictConfig, job_dir: Path) -> None:
     """Called once a job's results are on disk; does nothing unless logger.name is wandb.
 
-    Never raises for a W&B error: the results are complete without W&B, so the job stays ok. The outcome
-    goes to tracker.json (run dir to sync, or the error) and a failure to one warning line on stderr.
-    """
+    Never raises for a W&B error: the results are complete without W&B, so the job stays ok. An online
+    run whose server does not answer within logger.init_timeout is written offline instead, with one
+    warning line and the `wandb sync` command in tracker.json; any other failure goes to tracker.json
+    and one warning line on stderr."""
     if cfg.logger.name != "wandb":
         return
-    try:
-        info = mirror(cfg, Path(job_dir))
-    except (Exception, SystemExit) as err:  # wandb's teardown calls sys.exit when its service fails
-        error = f"{type(err).__name__}: {err}".splitlines()[0]
-        write_json(Path(job_dir) / "tracker.json", {"tracker": "wandb", "status": "failed", "error": error})
-        print(f"warning: logger=wandb failed ({error}); the results on disk are complete", file=sys.stderr)
+    job_dir, mode = Path(job_dir), effective_mode(cfg)
+    if mode == "disabled":  # W&B's own off switch: nothing is written anywhere
+        write_json(job_dir / "tracker.json", {"tracker": "wandb", "status": "disabled", "mode": mode})
         return
-    write_json(Path(job_dir) / "tracker.json", {"tracker": "wandb", "status": "ok", **info})
-    if info["mode"] == "offline":
-        print(f"wandb: offline run written; upload it with: wandb sync {info['run_dir']}")
+    record: dict[str, Any] = {"tracker": "wandb", "status": "ok"}
+    try:
+        record |= mirror(cfg, job_dir, mode)
+    except (Exception, SystemExit) as err:  # wandb's teardown calls sys.exit when its service fails
+        error = _one_line(err)
+        if mode != "online":
+            return _failed(job_dir, error)
+        try:
+            record |= mirror(cfg, job_dir, "offline")
+        except (Exception, SystemExit) as again:
+            return _failed(job_dir, f"{error}; offline too: {_one_line(again)}")
+        record |= {"status": "offline_fallback", "online_error": error}
+        print(
+            f"warning: logger=wandb: no answer from the W&B server within {cfg.logger.init_timeout:g} s "
+            f"({error}); the run was written offline, upload it with: wandb sync {record['run_dir']}",
+            file=sys.stderr,
+        )
+    if record["mode"] == "offline":
+        record["sync"] = f"wandb sync {record['run_dir']}"
+        if record["status"] == "ok":
+            print(f"wandb: offline run written; upload it with: {record['sync']}")
+    write_json(job_dir / "tracker.json", record)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -192,7 +235,7 @@ def check_config(cfg: DictConfig) -> None:
     require(lg.name in TRACKERS, "logger.name", f"unknown tracker '{lg.name}'", TRACKERS)
     if lg.name == "wandb":
         mode = effective_mode(cfg)
-        allowed = ("offline", "online", "disabled")
+        allowed = tuple(TrackerMode)
         require(
             mode in allowed,
             "logger.mode",
