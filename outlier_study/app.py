@@ -1,8 +1,8 @@
 """`run(cfg)`: one job from a composed config to a complete results directory.
 
 The order is the point: every option is checked (schemas, then names and indices against the model's
-config) and the corpus is read before the model's weights are loaded, so bad input fails in seconds;
-status.json says ok only once every result file is written.
+config), and the corpus is read and cut into windows with the model's tokenizer, before the weights are
+loaded, so bad input fails in seconds; status.json says ok only once every result file is written.
 """
 
 from __future__ import annotations
@@ -66,9 +66,10 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> Path:
         arch = describe_model(cfg.model, cfg.paths.model_cache)  # the config only: no weights yet
         plan = check_for_model(cfg, arch)
         text = load_corpus(cfg.dataset)
+        tokenizer = MODELS.tokenizer(cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache)
+        windows = build_windows(cfg.dataset, tokenizer, text)  # a corpus too short fails before the weights
         torch.manual_seed(cfg.seed)
-        lm = MODELS.get(cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache, keep=cfg.reuse_models)
-        windows = build_windows(cfg.dataset, lm.tokenizer, text)
+        lm = MODELS.get(cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache, cfg.reuse_models, tokenizer)
         entry = EXPERIMENTS.get(cfg.experiment.name)
         item = {"name": str(cfg.experiment.name), "paper": entry.paper, "description": entry.description}
         write_json(

@@ -29,6 +29,7 @@ register_configs()
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 OPTION_GROUPS = ("experiment", "intervention", "method")
+_jobs_started: list[str] = []  # job folders the task function was entered for, in this process
 
 
 def _chosen(group: str) -> str | None:
@@ -152,6 +153,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     from outlier_study.output.job import error_line
 
     hydra_cfg = HydraConfig.get()
+    _jobs_started.append(hydra_cfg.runtime.output_dir)
     try:
         run(cfg)
     except Exception as err:
@@ -171,9 +173,8 @@ def main() -> None:
     """Errors in the user's input: one line on stderr, exit code 2; a failed sweep job: its traceback and
     one line naming its folder, exit code 1; a job SLURM cancelled or refused: one line, exit code 1;
     other failures keep their traceback."""
-    os.environ.setdefault(
-        "HYDRA_FULL_ERROR", "1"
-    )  # let composition errors reach us instead of Hydra's printer
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # composition errors reach us, not Hydra's printer
+    _jobs_started.clear()
     try:
         _hydra_main()
     except (HydraException, OmegaConfBaseException) as err:
@@ -181,6 +182,13 @@ def main() -> None:
         sys.exit(EXIT_BAD_INPUT)
     except JobFailed as err:  # the first failed job of a multirun; the others ran to their end
         sys.exit(err.report())
+    except OSError as err:
+        if _jobs_started:  # raised by a job: a failure of its own, with its traceback
+            raise
+        # raised by Hydra creating the job folder before the job starts: an unusable output path
+        where = str(err.filename or "the output folder")
+        print(f"error: paths.output_root: cannot write {where!r}: {err.strerror or err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     except Exception as err:
         line = launcher_line(err)
         if line is None:

@@ -124,21 +124,64 @@ def test_three_job_sweep_finishes_ok(cluster: None, tmp_path: Path) -> None:
     assert len(logs) == 3 and all("Job completed successfully" in log.read_text() for log in logs)
 
 
+def sacct(job_id: str) -> dict[str, tuple[str, str]]:
+    """State and exit code of each array task of a SLURM job, as the accounting database has them."""
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State,ExitCode"],
+        capture_output=True,
+        text=True,
+    )
+    rows = [line.split("|") for line in out.stdout.strip().splitlines()]
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
 @slurm
 def test_failing_job_is_reported_with_its_traceback(cluster: None, tmp_path: Path) -> None:
-    # a head count that does not divide the hidden size: transformers raises while building the model
+    # key/value heads that do not divide the query heads: the config is accepted, the forward pass fails
     out = sweep(
-        tmp_path, "experiment=perplexity", "model=tiny-llama", "+model.arch.hidden_size=-1,64",
+        tmp_path, "experiment=perplexity", "model=tiny-llama", "+model.arch.num_key_value_heads=2,3",
         "dataset.n_windows=1", "dataset.seq_len=16",
     )  # fmt: skip
     assert out.returncode == 1, out.stderr
-    failed, ok = job_dirs(tmp_path / "perplexity" / "multirun")  # "+model..=-1" sorts before "=64"
+    ok, failed = job_dirs(tmp_path / "perplexity" / "multirun")  # "=2" sorts before "=3"
     assert status(ok)["status"] == "ok"  # the other job ran to its end
     record = status(failed)
-    assert record["status"] == "failed" and "hidden size (-1)" in record["error"]
+    assert record["status"] == "failed" and record["error"].startswith("RuntimeError: ")
     assert "Traceback (most recent call last)" in record["traceback"]
     assert record["traceback"].strip() in out.stderr  # the job's own traceback, written on the node
     assert out.stderr.strip().splitlines()[-1].startswith(f"error: job failed: {failed} (")
+
+
+@slurm
+def test_sacct_sees_failed_jobs_with_their_exit_codes(cluster: None, tmp_path: Path) -> None:
+    """A job that failed is FAILED in SLURM's accounting (dashboards and array dependencies see it): exit
+    code 2 for bad input, 1 for a crash; the job that worked is COMPLETED 0:0."""
+    out = sweep(
+        tmp_path, "experiment=perplexity", "model=tiny-llama", "taps=[resid.post],[nope]",
+        "+model.arch.num_key_value_heads=2,3", "dataset.n_windows=1", "dataset.seq_len=16",
+    )  # fmt: skip
+    assert out.returncode in (1, 2), out.stderr
+    sweep_dir = tmp_path / "perplexity" / "multirun"
+    job_id = str(submitted_job_id(sweep_dir)).split("_")[0]
+    wanted = {"COMPLETED": "0:0", "crash": "1:0", "bad input": "2:0"}
+
+    def finished() -> dict[str, tuple[str, str]]:
+        states = sacct(job_id)
+        return (
+            states
+            if len(states) == 4 and all(s not in ("PENDING", "RUNNING") for s, _ in states.values())
+            else {}
+        )
+
+    states = wait_for("the accounting of all four jobs", finished)
+    kinds = [
+        "COMPLETED" if r["status"] == "ok" else "bad input" if r["bad_input"] else "crash"
+        for r in map(status, job_dirs(sweep_dir))
+    ]
+    assert sorted(kinds) == ["COMPLETED", "bad input", "bad input", "crash"], kinds
+    codes = sorted(code for _, code in states.values())
+    assert codes == sorted([wanted["COMPLETED"], wanted["crash"], wanted["bad input"], wanted["bad input"]])
+    assert sorted(state for state, _ in states.values()) == ["COMPLETED", "FAILED", "FAILED", "FAILED"]
 
 
 @slurm

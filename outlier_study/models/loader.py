@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,20 @@ def _file_key(path: Path, probe: int = 1 << 20) -> str:
     return digest.hexdigest()[:16]
 
 
+def _check_writable(folder: Path) -> None:
+    """The conversion cache must take files before minutes of dequantizing are spent on a model."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            "paths.model_cache",
+            f"cannot write the model cache {str(folder)!r}: {err.strerror or type(err).__name__}; set "
+            "OUTLIER_STUDY_CACHE to a writable folder (or model.cache_converted=false for a .gguf file)",
+        ) from None
+
+
 def locate(cfg: Any, cache_root: Path) -> Location:
     """Resolve the source of a ModelConfig to a place on disk or the hub; missing sources are one line."""
     source = str(cfg.source)
@@ -89,7 +104,14 @@ def locate(cfg: Any, cache_root: Path) -> Location:
         require(bool(cfg.path), "model.path", "a directory is required for source=local")
         where = Path(str(cfg.path)).expanduser()
         require(where.is_dir(), "model.path", f"no such directory: {where}")
+        require(
+            (where / "config.json").is_file(),
+            "model.path",
+            f"no config.json in {str(where)!r} (a save_pretrained folder)",
+        )
         return Location(str(where))
+    if cfg.cache_converted or source == "embedded":
+        _check_writable(cache_root)
     if source == "gguf":
         require(bool(cfg.path), "model.path", "a .gguf file is required for source=gguf")
         path = Path(str(cfg.path)).expanduser()
@@ -136,8 +158,19 @@ def _read_config(cfg: Any, loc: Location) -> Any:
 def describe_model(cfg: Any, cache_root: str | Path) -> Arch:
     """The model's family, depth and context from its config alone (no weights are read)."""
     if str(cfg.source) == "random":
-        require(cfg.model_type in TINY_ARCHS, "model.model_type", f"'{cfg.model_type}'", sorted(TINY_ARCHS))
-        return arch_of(tiny_config(cfg.model_type, dict(cfg.arch)))
+        require(
+            cfg.model_type in TINY_ARCHS,
+            "model.model_type",
+            f"no tiny {cfg.model_type!r} model",
+            sorted(TINY_ARCHS),
+        )
+        try:
+            config = tiny_config(cfg.model_type, dict(cfg.arch))
+        except Exception as err:  # transformers validates its config classes on creation, in several ways
+            reason = " ".join(str(err).split())[:200]
+            why = f"transformers refuses this {cfg.model_type} config: {reason}"
+            raise ConfigError("model.arch", why) from None
+        return arch_of(config)
     loc = locate(cfg, Path(cache_root))
     try:
         config = _read_config(cfg, loc)
@@ -146,67 +179,93 @@ def describe_model(cfg: Any, cache_root: str | Path) -> Arch:
     return arch_of(config)
 
 
-def _load_gguf(loc: Location, cache_root: Path, use_cache: bool) -> tuple[PreTrainedModel, Any, Path | None]:
+def _load_gguf(loc: Location, cache_root: Path, use_cache: bool) -> tuple[PreTrainedModel, Path | None]:
     """Dequantize a GGUF once; later loads read the saved safetensors copy (seconds instead of minutes)."""
     assert loc.gguf is not None
     if loc.converted is not None:
-        return (
-            AutoModelForCausalLM.from_pretrained(loc.converted),
-            AutoTokenizer.from_pretrained(loc.converted),
-            loc.converted,
-        )
+        return AutoModelForCausalLM.from_pretrained(loc.converted), loc.converted
     model = AutoModelForCausalLM.from_pretrained(loc.where, gguf_file=loc.gguf.name, dtype=torch.float32)
     # transformers dequantizes GGUF to plain float tensors but keeps a quantizer record that forbids saving.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tokenizer = AutoTokenizer.from_pretrained(loc.where, gguf_file=loc.gguf.name)
     if not use_cache:
-        return model, tokenizer, None
+        return model, None
     cached = cache_root / f"{loc.gguf.stem}-{_file_key(loc.gguf)}"
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(loc.where, gguf_file=loc.gguf.name).save_pretrained(tmp)
     (tmp / ".complete").touch()
     shutil.rmtree(cached, ignore_errors=True)
     tmp.rename(cached)
-    return model, tokenizer, cached
+    return model, cached
 
 
 def _build(
     cfg: Any, loc: Location | None, dtype: torch.dtype, device: str, cache_root: Path
-) -> tuple[Any, Any, dict]:
-    """The model, its tokenizer (None when the source has none) and what to record about the source."""
+) -> tuple[Any, dict]:
+    """The model and what to record about its source."""
     common: dict[str, Any] = {"attn_implementation": str(cfg.attn_implementation)}
     if loc is None:
         torch.manual_seed(cfg.init_seed)
         model = AutoModelForCausalLM.from_config(tiny_config(cfg.model_type, dict(cfg.arch)), **common)
-        return model, None, {"model_type": cfg.model_type, "init_seed": cfg.init_seed}
+        return model, {"model_type": cfg.model_type, "init_seed": cfg.init_seed}
     if loc.gguf is not None:
-        model, tokenizer, cached = _load_gguf(loc, cache_root, bool(cfg.cache_converted))
+        model, cached = _load_gguf(loc, cache_root, bool(cfg.cache_converted))
         model.set_attn_implementation(str(cfg.attn_implementation))
-        return (
-            model,
-            tokenizer,
-            {
-                "gguf_file": str(loc.gguf),
-                "package": cfg.package,
-                "converted_cache": str(cached) if cached else None,
-            },
-        )
+        provenance = {
+            "gguf_file": str(loc.gguf),
+            "package": cfg.package,
+            "converted_cache": str(cached) if cached else None,
+        }
+        return model, provenance
     if device == "auto":
         common["device_map"] = "auto"
     revision = cfg.revision if str(cfg.source) == "hub" else None
     model = AutoModelForCausalLM.from_pretrained(
         loc.where, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=revision, **common
     )
-    tokenizer = AutoTokenizer.from_pretrained(loc.where, revision=revision)
-    return model, tokenizer, {"hub_id": cfg.hub_id, "revision": cfg.revision, "path": cfg.path}
+    return model, {"hub_id": cfg.hub_id, "revision": cfg.revision, "path": cfg.path}
 
 
-def load_model(cfg: Any, dtype: str, device: str, cache_root: str | Path) -> LoadedModel:
-    """Build the model that `cfg` (a ModelConfig) names, in `dtype` on `device`."""
+def load_tokenizer(cfg: Any, cache_root: str | Path) -> Any:
+    """The tokenizer `cfg` names (model.tokenizer, else the checkpoint's own), loaded without the weights so
+    the corpus can be cut into windows, and checked against them, before the model loads."""
+    if cfg.tokenizer == "bytes":
+        return byte_tokenizer()
+    if cfg.tokenizer:
+        folder = Path(str(cfg.tokenizer)).expanduser()
+        require(
+            folder.is_dir(), "model.tokenizer", f"no such folder: {folder}", ["bytes", "<a tokenizer folder>"]
+        )
+        where, extra = str(folder), {}
+    elif str(cfg.source) == "random":
+        raise ConfigError(
+            "model.tokenizer", "a random model needs a tokenizer", ["bytes", "<a tokenizer folder>"]
+        )
+    else:
+        loc = locate(cfg, Path(cache_root))
+        if loc.converted is not None:
+            where, extra = str(loc.converted), {}
+        elif loc.gguf is not None:
+            where, extra = loc.where, {"gguf_file": loc.gguf.name}
+        else:
+            where, extra = loc.where, {"revision": cfg.revision if str(cfg.source) == "hub" else None}
+    try:
+        return AutoTokenizer.from_pretrained(where, **extra)
+    except Exception as err:
+        reason = " ".join(str(err).split())[:160]
+        raise ConfigError(
+            "model.tokenizer", f"no tokenizer in {where!r} ({type(err).__name__}: {reason})"
+        ) from None
+
+
+def load_model(
+    cfg: Any, dtype: str, device: str, cache_root: str | Path, tokenizer: Any = None
+) -> LoadedModel:
+    """Build the model that `cfg` (a ModelConfig) names, in `dtype` on `device` (with `tokenizer`, or the
+    one `load_tokenizer` gives)."""
     dtype, device = str(dtype), str(device)  # StrEnum members or plain strings
     require(dtype in DTYPES, "dtype", f"unknown dtype '{dtype}'", DTYPES)
     require(
@@ -216,27 +275,20 @@ def load_model(cfg: Any, dtype: str, device: str, cache_root: str | Path) -> Loa
         raise ConfigError("device", "cuda requested but no CUDA device is visible", ("cpu", "cuda", "auto"))
     cache_root = Path(cache_root)
     arch = describe_model(cfg, cache_root)  # the family is known before any implementation is chosen
+    tokenizer = load_tokenizer(cfg, cache_root) if tokenizer is None else tokenizer
     loc = None if str(cfg.source) == "random" else locate(cfg, cache_root)
     try:
-        model, tokenizer, provenance = _build(cfg, loc, DTYPES[dtype], device, cache_root)
+        model, provenance = _build(cfg, loc, DTYPES[dtype], device, cache_root)
     except ConfigError:
         raise
-    except (ImportError, ValueError) as err:
-        if "attn" in str(err).lower() or "attention" in str(err).lower():
-            raise ConfigError(
-                "model.attn_implementation",
-                f"'{cfg.attn_implementation}' cannot be used here ({' '.join(str(err).split())[:160]})",
-                allowed=("sdpa", "eager"),
-            ) from None
+    except ImportError as err:  # an attention implementation whose package is not installed
+        raise ConfigError(
+            "model.attn_implementation",
+            f"'{cfg.attn_implementation}' cannot be used here ({' '.join(str(err).split())[:160]})",
+            allowed=("sdpa", "eager", "flex_attention"),
+        ) from None
+    except (ValueError, OSError) as err:  # a corrupt or incomplete checkpoint
         raise _config_error(cfg, loc or Location(str(cfg.model_type)), err) from None
-    except OSError as err:
-        raise _config_error(cfg, loc or Location(str(cfg.model_type)), err) from None
-
-    if cfg.tokenizer == "bytes":
-        tokenizer = byte_tokenizer()
-    elif cfg.tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(Path(str(cfg.tokenizer)).expanduser())
-    require(tokenizer is not None, "model.tokenizer", "this source needs a tokenizer", ["bytes", "<dir>"])
 
     placed = device == "auto" and loc is not None and loc.gguf is None  # device_map="auto" placed it
     if not placed:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from outlier_study.models.loader import LoadedModel, load_model
+from outlier_study.models.loader import LoadedModel, load_model, load_tokenizer
 
 
 @dataclass
@@ -62,8 +62,23 @@ class ModelReuse:
             {"model": data, "dtype": str(dtype), "device": str(device)}, sort_keys=True, default=str
         )
 
-    def get(self, model_cfg: Any, dtype: str, device: str, cache_root: str | Path, keep: int) -> LoadedModel:
-        """The stored model when it is provably unchanged, else a fresh load; at most `keep` stay stored."""
+    def tokenizer(self, model_cfg: Any, dtype: str, device: str, cache_root: str | Path) -> Any:
+        """The tokenizer of the stored model, else one loaded on its own (no weights): a sweep's jobs share
+        one tokenizer object, so the corpus is tokenized once."""
+        entry = self._entries.get(self.key(model_cfg, dtype, device))
+        return entry.lm.tokenizer if entry is not None else load_tokenizer(model_cfg, cache_root)
+
+    def get(
+        self,
+        model_cfg: Any,
+        dtype: str,
+        device: str,
+        cache_root: str | Path,
+        keep: int,
+        tokenizer: Any = None,
+    ) -> LoadedModel:
+        """The stored model when it is provably unchanged, else a fresh load (with `tokenizer` when given);
+        at most `keep` stay stored."""
         key = self.key(model_cfg, dtype, device)
         entry = self._entries.pop(key, None) if keep > 0 else None
         if entry is not None and self._unchanged(entry):
@@ -75,7 +90,7 @@ class ModelReuse:
                 print("stored model was modified (or left hooked) by an earlier job: loading it again")
             entry = None
             self._evict(max(0, keep - 1))  # free memory before loading another model
-            lm = load_model(model_cfg, dtype, device, cache_root)
+            lm = load_model(model_cfg, dtype, device, cache_root, tokenizer)
             self.loads += 1
             checksums = _checksums(lm) if keep > 0 else torch.empty(0)
         if keep > 0:
