@@ -32,6 +32,9 @@ test: install ## run the whole test suite (tiny models + the embedded real model
 bench: install ## speed and memory ratios against a plain forward pass (SmolLM2-135M, 4 × 512 tokens)
 	HF_HUB_OFFLINE=1 $(PY) scripts/bench.py
 
+docs: install ## regenerate docs/reference.md (every config option) from the schemas
+	$(PY) -m outlier_study.config.reference > docs/reference.md
+
 lint: install ## ruff lint and format check
 	$(VENV)/bin/ruff check outlier_study tests scripts
 	$(VENV)/bin/ruff format --check outlier_study tests scripts
@@ -92,4 +95,4 @@ slurm-down: ## stop the local SLURM cluster (only the daemons slurm-up started, 
 clean: ## remove outputs (keeps .venv and the model cache)
 	rm -rf outputs multirun .pytest_cache
 
-.PHONY: help install run test bench lint clean slurm-up slurm-down paper quant $(PAPER_ITEMS)
+.PHONY: help install run test bench docs lint clean slurm-up slurm-down paper quant $(PAPER_ITEMS)

@@ -54,7 +54,7 @@ def test_smollm2_profile_job_reports_mas(tmp_path: Path, smollm2: LoadedModel) -
         make_cfg(
             "dataset.seq_len=128",
             "dataset.n_windows=2",
-            "taps=[resid.pre,resid.post,mlp.hidden]",
+            "taps=[resid.pre,resid.mid,resid.post,mlp.hidden,mlp.out]",
             "progress=false",
         ),
         job_dir=tmp_path / "job",
@@ -62,6 +62,14 @@ def test_smollm2_profile_job_reports_mas(tmp_path: Path, smollm2: LoadedModel) -
     rows = read_csv(job / "tables" / "massive_activations.csv")
     assert rows and all(abs(float(r["value"])) > 100 for r in rows)
     assert json.loads((job / "metrics.json").read_text())["ma_count_total"] > 0
+    # SmolLM2's known MA: residual channel 507 of the first token, born in an MLP from a y6 spike and
+    # carried by the residual stream for many layers.
+    [track] = [
+        r for r in read_csv(job / "tables" / "ma_tracks.csv") if r["channel"] == "507" and r["token"] == "0"
+    ]
+    assert " mlp.out " in track["born"] and track["from y6"].startswith("channel ")
+    first, last = (int(x) for x in track["carried through layers"].split("–"))
+    assert last - first >= 10
 
 
 def test_gemma3_float16_reports_overflow_instead_of_crashing(
