@@ -33,7 +33,7 @@ bench: install ## speed and memory ratios against a plain forward pass (SmolLM2-
 	HF_HUB_OFFLINE=1 $(PY) scripts/bench.py
 
 docs: install ## regenerate docs/reference.md (every config option) from the schemas
-	$(PY) -m outlier_study.config.reference > docs/reference.md
+	$(PY) scripts/config_reference.py > docs/reference.md
 
 lint: install ## ruff lint and format check
 	$(VENV)/bin/ruff check outlier_study tests scripts

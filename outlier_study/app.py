@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from outlier_study.config.validate import check_for_model, typed_config
 from outlier_study.context import Context
 from outlier_study.data import build_windows, load_corpus
 from outlier_study.errors import ConfigError
@@ -25,6 +24,7 @@ from outlier_study.output.files import write_json, write_text
 from outlier_study.output.job import environment, read_status, write_status
 from outlier_study.sweep.resume import config_fingerprint, finished_before
 from outlier_study.sweep.tracker import track
+from outlier_study.validate import check_for_model, typed_config
 
 
 def default_job_dir(cfg: DictConfig) -> Path:

@@ -24,11 +24,11 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from outlier_study.config import CONF_DIR
 from outlier_study.config.schema import register_configs
 from outlier_study.errors import ConfigError
+from outlier_study.validate import OPTION_GROUPS, option_keys
 
 register_configs()
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-OPTION_GROUPS = ("experiment", "intervention", "method")
 _jobs_started: list[str] = []  # job folders the task function was entered for, in this process
 
 
@@ -42,8 +42,6 @@ def _unknown_key(cause: OmegaConfBaseException) -> str:
     key = str(cause.full_key or cause.key)
     group = key.split(".")[0]
     if group in OPTION_GROUPS and "." in key:
-        from outlier_study.config.validate import option_keys  # imports the registries (torch)
-
         chosen = _chosen(group)
         if chosen is not None and "," in chosen:  # a sweep: Hydra first composes with the group's default
             return str(
@@ -55,7 +53,7 @@ def _unknown_key(cause: OmegaConfBaseException) -> str:
             )
         name = chosen or {"experiment": "profile"}.get(group, "none")
         try:
-            keys = option_keys(group, name)
+            keys = option_keys(group, name)  # imports the registries (torch): only on this error
         except ConfigError as err:
             return str(err)
         return str(ConfigError(key, f"not a key of {group} '{name}'", allowed=keys))

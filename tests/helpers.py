@@ -9,8 +9,8 @@ from omegaconf import DictConfig
 
 from outlier_study.config import CONF_DIR
 from outlier_study.config.schema import register_configs
-from outlier_study.config.validate import typed_config
 from outlier_study.models.loader import LoadedModel, load_model
+from outlier_study.validate import typed_config
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"

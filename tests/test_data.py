@@ -14,7 +14,6 @@ import torch
 from omegaconf import OmegaConf
 
 from outlier_study.config.schema import DatasetConfig
-from outlier_study.config.validate import check_for_model
 from outlier_study.config.vocab import BosPolicy, Sampling
 from outlier_study.data import Windows, build_windows, load_corpus
 from outlier_study.data.corpus import DATASET_NAMES
@@ -22,6 +21,7 @@ from outlier_study.data.windows import make_windows, tokenize_corpus
 from outlier_study.errors import ConfigError
 from outlier_study.models.loader import describe_model
 from outlier_study.models.tiny import byte_tokenizer
+from outlier_study.validate import check_for_model
 from tests.helpers import config_error, typed_cfg
 
 WIKITEXT_TEST = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"

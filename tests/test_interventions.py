@@ -11,7 +11,6 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from outlier_study.config.validate import check_for_model
 from outlier_study.errors import ConfigError
 from outlier_study.interventions import INTERVENTIONS, Inputs, intervene
 from outlier_study.interventions.massive import replace_massive
@@ -20,6 +19,7 @@ from outlier_study.interventions.residual import remove_residual_mas
 from outlier_study.measure.hooks import tap_hooks
 from outlier_study.models.loader import LoadedModel
 from outlier_study.stats.massive import ma_mask
+from outlier_study.validate import check_for_model
 from tests.helpers import typed_cfg
 
 MA_ABS, MA_RATIO = 100.0, 1000.0

@@ -1,6 +1,6 @@
 """Schemas of the data config groups and of the root config: a misspelt key, a wrong type or a value out of
 its bounds fails before any work. The experiment, intervention and method groups hold one schema per
-option; those live beside their code (see `config.validate`)."""
+option; those live beside their code (see `outlier_study.validate`)."""
 
 from __future__ import annotations
 

@@ -33,6 +33,12 @@ class Unchanged:
         return {f"{prefix}.name": self.name} if detail else {}
 
 
+def _head(prefix: str, name: str, value: str, total: int, detail: bool) -> dict[str, Any]:
+    """The keys every change record starts with; in brief (a method's) without its name."""
+    head = {f"{prefix}.name": name} if detail else {}
+    return {**head, f"{prefix}.value": value, f"{prefix}.changed_total": total}
+
+
 @dataclass
 class Counted:
     """Elements replaced by hooks, per layer, summed over every forward pass. Only counts: a record must
@@ -56,13 +62,11 @@ class Counted:
         self.changed[layer] = self.changed.get(layer, 0) + count
 
     def summary(self, prefix: str, detail: bool = True) -> dict[str, Any]:
-        if not detail:
-            return {f"{prefix}.value": self.value, f"{prefix}.changed_total": self.total}
-        out: dict[str, Any] = {f"{prefix}.name": self.name, f"{prefix}.value": self.value}
-        if self.tap is not None:
-            out[f"{prefix}.tap"] = self.tap
-        out[f"{prefix}.changed_total"] = self.total
-        out.update({f"{prefix}.changed.layer{k}": v for k, v in sorted(self.changed.items())})
+        out = _head(prefix, self.name, self.value, self.total, detail)
+        if detail:
+            if self.tap is not None:
+                out[f"{prefix}.tap"] = self.tap
+            out.update({f"{prefix}.changed.layer{k}": v for k, v in sorted(self.changed.items())})
         return out
 
 
@@ -80,14 +84,12 @@ class Edited:
         return sum(len(v) for v in self.edited.values())
 
     def summary(self, prefix: str, detail: bool = True) -> dict[str, Any]:
-        if not detail:
-            return {f"{prefix}.value": self.value, f"{prefix}.changed_total": self.total}
-        out: dict[str, Any] = {f"{prefix}.name": self.name, f"{prefix}.value": self.value}
-        out[f"{prefix}.changed_total"] = self.total
-        by_name: dict[str, int] = {}
-        for (_, name), idx in self.edited.items():
-            by_name[name] = by_name.get(name, 0) + len(idx)
-        out.update({f"{prefix}.changed.{k}": v for k, v in sorted(by_name.items())})
+        out = _head(prefix, self.name, self.value, self.total, detail)
+        if detail:
+            by_name: dict[str, int] = {}
+            for (_, name), idx in self.edited.items():
+                by_name[name] = by_name.get(name, 0) + len(idx)
+            out.update({f"{prefix}.changed.{k}": v for k, v in sorted(by_name.items())})
         return out
 
 

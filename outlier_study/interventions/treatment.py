@@ -7,14 +7,15 @@ architecture that runs before anything is loaded, and a description for the docs
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from outlier_study.interventions.record import Change
+from outlier_study.config.options import name_only
+from outlier_study.interventions.record import Change, Unchanged
 
 if TYPE_CHECKING:
     from outlier_study.adapters.base import Arch
@@ -44,3 +45,12 @@ class Treatment:
     description: str
     check: Check | None = None
     calibrated: bool = False  # needs calibration windows disjoint from the evaluation windows (methods)
+
+
+@contextmanager
+def _unchanged(inputs: Inputs) -> Iterator[Change]:
+    yield Unchanged()
+
+
+# `none` in both registries: the unmodified model.
+NONE = Treatment(_unchanged, name_only("none", "the unmodified model"), "the unmodified model")

@@ -21,9 +21,8 @@ from outlier_study.measure.hooks import tap_hooks
 from outlier_study.models.loader import LoadedModel
 from outlier_study.stats.channels import ChannelReducer, ChannelSummary
 from outlier_study.stats.massive import ma_mask
-from outlier_study.stats.reducers import TapReducer, TapStats
+from outlier_study.stats.reducers import StatsByTap, TapReducer
 
-StatsByTap = dict[tuple[int, str], TapStats]
 ChannelsByTap = dict[tuple[int, str], ChannelSummary]
 NO_MA = "/no_ma"  # key suffix of a tap measured with its MAs left out (profile_channels' `without_ma`)
 

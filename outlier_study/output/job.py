@@ -20,9 +20,8 @@ PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "datasets", "wan
 
 
 def error_line(error: BaseException) -> str:
-    """The one line a failure is reported as: a ConfigError is its own text, anything else is typed."""
-    text = str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
-    return " ".join(text.split()) if isinstance(error, ConfigError) else text
+    """How a failure is reported: bad input (a ConfigError) as its own one line, anything else typed."""
+    return str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
 
 
 def write_status(

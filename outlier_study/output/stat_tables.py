@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from outlier_study.adapters.taps import ATTENTION_TAPS
-from outlier_study.measure.profiler import StatsByTap
 from outlier_study.stats.massive import is_massive
-from outlier_study.stats.reducers import TapStats, TopEntry
+from outlier_study.stats.reducers import StatsByTap, TapStats, TopEntry
 
 LAYER_STATS_HEADER = ("layer", "tap", "statistic", "value")
 TOPK_HEADER = (

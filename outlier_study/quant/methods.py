@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from outlier_study.adapters import FAMILIES
-from outlier_study.config.options import name_only, opt
+from outlier_study.config.options import opt
 from outlier_study.config.vocab import GammaValue, MAValue
 from outlier_study.detect.select import norm_output_cos
 from outlier_study.errors import ConfigError
 from outlier_study.interventions.massive import replace_massive
 from outlier_study.interventions.parameters import edit_gamma
-from outlier_study.interventions.record import Change, Transformed, Unchanged
-from outlier_study.interventions.treatment import Inputs, Treatment
+from outlier_study.interventions.record import Change, Transformed
+from outlier_study.interventions.treatment import NONE, Inputs, Treatment
 from outlier_study.quant.rotation import rotate
 from outlier_study.quant.smoothquant import calibrate, smooth
 from outlier_study.registry import Registry
@@ -78,11 +78,6 @@ def _check_rotation(options: Any, cfg: Any, arch: Arch) -> None:
 
 
 @contextmanager
-def _none(inputs: Inputs) -> Iterator[Change]:
-    yield Unchanged()
-
-
-@contextmanager
 def _massive_y6(inputs: Inputs) -> Iterator[Change]:
     th = inputs.threshold
     with replace_massive(
@@ -118,7 +113,7 @@ def _rotation(inputs: Inputs) -> Iterator[Change]:
 
 
 METHODS: Registry[Treatment] = Registry("method", "method.name")
-METHODS.add("none", Treatment(_none, name_only("none", "the unmodified model"), "the unmodified model"))
+METHODS.add("none", NONE)
 METHODS.add(
     "massive_y6",
     Treatment(

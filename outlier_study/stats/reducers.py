@@ -103,6 +103,9 @@ class TapStats:
     channel_count: np.ndarray | None  # (C,) finite (and valid) values per channel
 
 
+StatsByTap = dict[tuple[int, str], TapStats]  # a profile's result: (layer, tap) -> its statistics
+
+
 def _ceil_to(value: float, dtype: np.dtype) -> float:
     """Smallest `dtype` number >= value, so `a >= result` in that dtype equals `a >= value` exactly."""
     v = dtype.type(value)

@@ -2,7 +2,7 @@
 default, bounds and meaning, and every option of every group. `make docs` writes it to docs/reference.md;
 a test holds that file equal to this output, so the reference cannot go stale.
 
-    python -m outlier_study.config.reference > docs/reference.md
+    python scripts/config_reference.py > docs/reference.md
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from omegaconf import MISSING
 from outlier_study.config import CONF_DIR
 from outlier_study.config.options import bound_text, field_doc
 from outlier_study.config.schema import RootConfig
+from outlier_study.validate import option_registries
 
 DATA_GROUPS = ("model", "dataset", "threshold", "quant", "logger", "paths")
 OPTION_GROUPS = ("experiment", "intervention", "method")
@@ -101,12 +102,11 @@ def _options(group: str) -> list[str]:
 
 
 def render() -> str:
-    from outlier_study.config.validate import option_registries
 
     out = [
         "# Configuration reference",
         "",
-        "Generated from the schemas and the config files by `python -m outlier_study.config.reference`",
+        "Generated from the schemas and the config files by `python -m outlier_study.reference`",
         "(`make docs`); a test keeps this page equal to that output. How configuration works, your own",
         "config folders and sweeps: [configuration.md](configuration.md). Bounds are checked before any",
         "work starts; a null value is always allowed where the type says `or null`.",
