@@ -115,6 +115,10 @@ class Adapter:
         edit and quantizer goes through."""
         return block.get_submodule(path) if path else block
 
+    def final_norm_of(self, model: nn.Module) -> nn.Module:
+        """The norm before the lm_head (its γ is folded into the head by the rotation)."""
+        return model.get_submodule(self.final_norm)
+
     def linears(self, model: nn.Module) -> list[tuple[int, str, LinearLike]]:
         """(layer, path inside the layer, module) of every linear inside the decoder layers, module order."""
         out: list[tuple[int, str, LinearLike]] = []

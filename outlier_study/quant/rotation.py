@@ -81,7 +81,7 @@ def _rotate_ends(lm: LoadedModel, edits: Edits, q64: torch.Tensor) -> bool:
     model = lm.model
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head.weight is emb.weight
-    final = model.get_submodule(lm.adapter.final_norm)
+    final = lm.adapter.final_norm_of(model)
     new_head = _rows_times(weight_out_in(head).detach(), q64, final.weight.detach().double())
     if tied:  # before the embedding edit below, which would otherwise reach the head too
         edits.set_attr(head, "weight", nn.Parameter(new_head, requires_grad=head.weight.requires_grad))
