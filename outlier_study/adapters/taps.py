@@ -10,6 +10,10 @@ CANONICAL_TAPS: tuple[str, ...] = (
     "attn.q",
     "attn.k",
     "attn.v",
+    "attn.q_norm",
+    "attn.k_norm",
+    "attn.q_a",
+    "attn.kv_a",
     "attn.scores",
     "attn.probs",
     "attn.ctx",
@@ -18,6 +22,8 @@ CANONICAL_TAPS: tuple[str, ...] = (
     "resid.mid",
     "mlp.norm_std",
     "mlp.norm",
+    "moe.router_logits",
+    "moe.router_probs",
     "mlp.gate",
     "mlp.up",
     "mlp.act",
@@ -55,3 +61,19 @@ PAPER_ALIASES: dict[str, str] = {
     "y6": "mlp.hidden",
     "y7": "mlp.out",
 }
+
+# Mixture-of-experts layers: the MLP taps of one expert are keyed "<tap>@<expert>" (an index, or "shared"
+# for the shared experts); the plain tap of a MoE layer pools every routed (token, expert) pair.
+EXPERT_TAPS: tuple[str, ...] = ("mlp.gate", "mlp.up", "mlp.act", "mlp.hidden", "mlp.out")
+SHARED_EXPERT = "shared"
+
+
+def expert_key(tap: str, expert: int | str) -> str:
+    """The statistics key of `tap` inside one expert."""
+    return f"{tap}@{expert}"
+
+
+def split_expert(key: str) -> tuple[str, str | None]:
+    """(tap, expert) of a statistics key; expert is None for a layer-level tap."""
+    tap, _, expert = key.partition("@")
+    return tap, expert or None
