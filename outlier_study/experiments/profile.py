@@ -14,11 +14,13 @@ from outlier_study.context import Context
 from outlier_study.experiments.base import experiment
 from outlier_study.experiments.common import Plot3DOptions, check_plot3d, profile, token_text
 from outlier_study.measure.profiler import Profile, capture_abs_slice
+from outlier_study.output import expert_tables as moe_report
 from outlier_study.output import figures
 from outlier_study.output import stat_tables as report
 from outlier_study.output.files import write_csv, write_figure, write_npz
 from outlier_study.output.summary import NONFINITE_HEADER, TRACK_HEADER, ma_tracks, nonfinite_rows
 from outlier_study.output.tables import Table, to_markdown, write_table
+from outlier_study.stats.reducers import StatsByTap
 
 
 @dataclass
@@ -29,19 +31,46 @@ class ProfileOptions:
 
 
 def write_profile_tables(ctx: Context, prof: Profile) -> list[tuple[object, ...]]:
-    """layer_stats.csv, topk.csv and channels.npz; returns the top-k rows for the summary."""
+    """layer_stats.csv, topk.csv and channels.npz of the layer-level keys; returns the top-k rows for the
+    summary. MoE models add expert_stats.csv and the expert-MA and router-load tables."""
     th = ctx.threshold
-    write_csv(ctx.job_dir / "layer_stats.csv", report.LAYER_STATS_HEADER, report.layer_stat_rows(prof.stats))
+    stats, per_expert, routing = moe_report.split_stats(prof.stats)
+    write_csv(ctx.job_dir / "layer_stats.csv", report.LAYER_STATS_HEADER, report.layer_stat_rows(stats))
     rows = report.topk_rows(
-        prof.stats,
+        stats,
         ctx.windows.input_ids.numpy(),
         lambda t: token_text(ctx.lm.tokenizer, t),
         th.ma_abs,
         th.ma_ratio,
     )
     write_csv(ctx.job_dir / "topk.csv", report.TOPK_HEADER, rows)
-    write_npz(ctx.job_dir / "channels.npz", report.channel_arrays(prof.stats))
+    write_npz(ctx.job_dir / "channels.npz", report.channel_arrays(stats))
+    if per_expert or routing:
+        write_expert_tables(ctx, prof, per_expert, routing)
     return rows
+
+
+def write_expert_tables(ctx: Context, prof: Profile, per_expert: StatsByTap, routing: StatsByTap) -> None:
+    """expert_stats.csv (layer_stats.csv with an expert column), tables/moe_expert_mas and
+    tables/moe_router_load; prints which experts create MAs."""
+    th = ctx.threshold
+    rows = moe_report.expert_stat_rows(per_expert)
+    write_csv(ctx.job_dir / "expert_stats.csv", moe_report.EXPERT_STATS_HEADER, rows)
+    mas = moe_report.expert_ma_table(
+        per_expert,
+        ctx.windows.input_ids.numpy(),
+        lambda t: token_text(ctx.lm.tokenizer, t),
+        th.ma_abs,
+        th.ma_ratio,
+    )
+    write_table(ctx.tables_dir, mas)
+    write_table(ctx.tables_dir, moe_report.router_load_table(routing, prof.tokens))
+    print("\nExperts that create massive activations (on the tokens routed to each; layers from 0):")
+    if mas.rows:
+        limit = ctx.cfg.experiment.summary_top
+        print(to_markdown(Table(mas.name, mas.header, mas.rows[:limit])))
+    else:
+        print("  none found\n")
 
 
 def write_layer_figure(ctx: Context, prof: Profile) -> None:
@@ -114,7 +143,8 @@ def run(ctx: Context) -> dict[str, Any]:
         print(to_markdown(Table.of("ma_tracks", TRACK_HEADER, track_rows[: ctx.cfg.experiment.summary_top])))
     else:
         print("  none found\n")
-    nonfinite = nonfinite_rows(prof.stats)
+    layer_level, per_expert, _ = moe_report.split_stats(prof.stats)
+    nonfinite = nonfinite_rows(layer_level)
     if nonfinite:  # written only when there is something to say, like the warning
         table = write_table(ctx.tables_dir, Table.of("nonfinite", NONFINITE_HEADER, nonfinite))
         inf, nan = sum(r[3] for r in nonfinite), sum(r[4] for r in nonfinite)
@@ -125,17 +155,19 @@ def run(ctx: Context) -> dict[str, Any]:
         )
         print("Non-finite activations per tap (layers from 0):")
         print(table)
-    stats = prof.stats.values()
+    stats = layer_level.values()
     finite_max = [s.max_abs for s in stats if np.isfinite(s.max_abs)]
+    moe = {"expert_ma_count_total": int(sum(s.ma_count for s in per_expert.values()))} if per_expert else {}
     return {
         "profile_seconds": seconds,
         "tokens": prof.tokens,
         "tokens_per_second": prof.tokens / seconds if seconds > 0 else float("nan"),
-        "ma_count_total": int(sum(s.ma_count for s in prof.stats.values())),
+        "ma_count_total": int(sum(s.ma_count for s in stats)),
         "max_abs": max(finite_max) if finite_max else float("nan"),
-        "nan_count_total": int(sum(s.nan_count for s in prof.stats.values())),
-        "inf_count_total": int(sum(s.inf_count for s in prof.stats.values())),
+        "nan_count_total": int(sum(s.nan_count for s in stats)),
+        "inf_count_total": int(sum(s.inf_count for s in stats)),
         "n_taps": len(prof.taps),
         "n_layers": len(prof.layers),
         **{f"nonfinite.{r[0]}.{kind}": r[i] for r in nonfinite for i, kind in ((3, "inf"), (4, "nan"))},
+        **moe,
     }

@@ -13,10 +13,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from outlier_study.adapters.base import Adapter, Derive
+from outlier_study.adapters.experts import moe_specs
 from outlier_study.adapters.taps import ATTENTION_TAPS
 from outlier_study.measure.attention import capture_attention
+from outlier_study.measure.experts import MOE_TAPS, capture_experts
 
-# (layer index, canonical tap, tensor (B, T, C) or (B, H, Tq, Tk) for attention taps, valid mask or None)
+# (layer index, canonical tap or per-expert key `tap@expert`, tensor (B, T, C), or (B, H, Tq, Tk) for
+# attention taps, or (B, k, T, C) for a MoE layer's expert taps pooled over its k routed experts; valid or None)
 TapSink = Callable[[int, str, torch.Tensor, torch.Tensor | None], None]
 # Sees a module's tensor at a hook; a returned tensor replaces it downstream, None leaves it as it is.
 TensorFn = Callable[[nn.Module, torch.Tensor], torch.Tensor | None]
@@ -56,12 +59,22 @@ def _feeder(layer: int, taps: list[tuple[str, Derive | None]], sink: TapSink) ->
 
 @contextmanager
 def tap_hooks(
-    model: nn.Module, adapter: Adapter, taps: list[str], layers: list[int], sink: TapSink
+    model: nn.Module,
+    adapter: Adapter,
+    taps: list[str],
+    layers: list[int],
+    sink: TapSink,
+    experts: bool = False,
 ) -> Iterator[None]:
     """Hook `taps` at `layers` of an unmodified model; all hooks are gone after the block (even on errors).
-    Taps on the same module boundary share one hook."""
+    Taps on the same module boundary share one hook. In mixture-of-experts layers the expert taps no
+    module hook reaches come through the experts interface (measure/experts.py), pooled over the routed
+    (token, expert) pairs as (B, k, T, C); with `experts` also per expert (`tap@e`, `tap@shared`) and the
+    routing load (`moe.routing`)."""
     with ExitStack() as stack:
         blocks = adapter.blocks(model)
+        moe = moe_specs(blocks, layers)
+        hooked: set[str] = set()  # taps of MoE layers a module hook reaches (e.g. the block's output)
         for layer in layers:
             groups: dict[tuple[str, str], list[tuple[str, Derive | None]]] = defaultdict(list)
             for tap in taps:
@@ -71,7 +84,15 @@ def tap_hooks(
             for (path, io), derived in groups.items():
                 module = adapter.module(blocks[layer], path)
                 stack.callback(hook_module(module, io, _feeder(layer, derived, sink)).remove)  # type: ignore[arg-type]
+            if layer in moe:
+                hooked |= {tap for derived in groups.values() for tap, _ in derived}
         attention = frozenset(taps) & ATTENTION_TAPS
         if attention:
             stack.enter_context(capture_attention(model, sink, attention, frozenset(layers)))
+        moe_taps = [t for t in taps if t in MOE_TAPS]
+        if moe and (moe_taps or experts):
+            pooled = [t for t in moe_taps if t not in hooked]
+            stack.enter_context(
+                capture_experts(model, moe, sink, moe_taps, blocks, pooled=pooled, per_expert=experts)
+            )
         yield

@@ -9,19 +9,19 @@ reducer they build.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from outlier_study.adapters.taps import ATTENTION_TAPS
+from outlier_study.adapters.taps import ATTENTION_TAPS, split_expert
 from outlier_study.measure.forward import forward, forward_windows
 from outlier_study.measure.hooks import tap_hooks
 from outlier_study.models.loader import LoadedModel
 from outlier_study.stats.channels import ChannelReducer, ChannelSummary
 from outlier_study.stats.massive import ma_mask
-from outlier_study.stats.reducers import StatsByTap, TapReducer
+from outlier_study.stats.reducers import StatsByTap, TapReducer, TapStats
 
 ChannelsByTap = dict[tuple[int, str], ChannelSummary]
 NO_MA = "/no_ma"  # key suffix of a tap measured with its MAs left out (profile_channels' `without_ma`)
@@ -35,9 +35,15 @@ class Reducer(Protocol):
 def as_tokens_by_channels(
     tap: str, x: torch.Tensor, valid: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Bring a tap's tensor to (B, T, C); attention maps become (B, query, head·key)."""
+    """Bring a tap's tensor to (B, T, C); attention maps become (B, query, head·key), and the routed pairs
+    of a MoE layer's pooled expert tap, (B, k, T, C), become (B, k·T, C): token index = slot·T + token."""
     if tap not in ATTENTION_TAPS:
-        return x, valid
+        if x.dim() != 4:
+            return x, valid
+        b, k, t, c = x.shape
+        if valid is not None:
+            valid = valid.expand(b, k, t, valid.shape[-1]).reshape(b, k * t, valid.shape[-1])
+        return x.reshape(b, k * t, c), valid
     b, h, q, k = x.shape
     flat = x.permute(0, 2, 1, 3).reshape(b, q, h * k)
     if valid is not None:
@@ -47,7 +53,8 @@ def as_tokens_by_channels(
 
 class Profiler:
     """A reducer per (layer, tap), plus (layer, tap + suffix) for each variant of the taps in `variant_taps`;
-    the hook sink feeds them and keeps nothing else."""
+    the hook sink feeds them and keeps nothing else. With `experts`, MoE layers also feed per-expert keys
+    (`tap@expert`) and the routing load, whose reducers are made on first use."""
 
     def __init__(
         self,
@@ -56,7 +63,11 @@ class Profiler:
         make: Callable[[str], Reducer],
         variants: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
         variant_taps: tuple[str, ...] = (),
+        experts: bool = False,
     ) -> None:
+        self.make = make
+        self.experts = experts
+        self.folded: dict[tuple[int, str], int] = {}  # keys fed (B, k, T, C): their T
         self.variants = dict(variants or {})
         self.variant_taps = variant_taps
         self.reducers: dict[tuple[int, str], Reducer] = {
@@ -68,14 +79,25 @@ class Profiler:
 
     def sink(self, layer: int, tap: str, x: torch.Tensor, valid: torch.Tensor | None) -> None:
         flat, mask = as_tokens_by_channels(tap, x, valid)
-        self.reducers[(layer, tap)].update(flat, self.window_offset, mask)
+        if x.dim() == 4 and tap not in ATTENTION_TAPS:
+            self.folded[(layer, tap)] = x.shape[2]
+        reducer = self.reducers.get((layer, tap))
+        if reducer is None and self.experts:
+            reducer = self.reducers[(layer, tap)] = self.make(split_expert(tap)[0])
+        assert reducer is not None, f"no reducer for layer {layer} {tap}"
+        reducer.update(flat, self.window_offset, mask)
         if tap in self.variant_taps:
             for suffix, keep in self.variants.items():
                 kept = keep(flat) if mask is None else keep(flat) & mask
                 self.reducers[(layer, tap + suffix)].update(flat, self.window_offset, kept)
 
     def result(self) -> dict[tuple[int, str], Any]:
-        return {key: reducer.result() for key, reducer in self.reducers.items()}
+        out = {key: reducer.result() for key, reducer in self.reducers.items()}
+        for key, tokens in self.folded.items():  # a pooled pair's token index back to the token
+            stats = out[key]
+            if isinstance(stats, TapStats):
+                stats.top = [replace(e, token=e.token % tokens) for e in stats.top]
+        return out
 
 
 def run_profiler(
@@ -89,7 +111,7 @@ def run_profiler(
     desc: str,
 ) -> dict[tuple[int, str], Any]:
     """Every window through the model with `taps` at `layers` hooked into `profiler`."""
-    with tap_hooks(lm.model, lm.adapter, taps, layers, profiler.sink):
+    with tap_hooks(lm.model, lm.adapter, taps, layers, profiler.sink, experts=profiler.experts):
         forward_windows(lm, input_ids, batch_size, progress, desc, profiler)
     return profiler.result()
 
@@ -122,9 +144,8 @@ def profile_windows(
     def make(tap: str) -> TapReducer:
         return TapReducer(top_k, ma_abs, ma_ratio, channel_stats=tap not in ATTENTION_TAPS)
 
-    stats = run_profiler(
-        lm, input_ids, taps, layers, Profiler(taps, layers, make), batch_size, progress, desc
-    )
+    profiler = Profiler(taps, layers, make, experts=True)
+    stats = run_profiler(lm, input_ids, taps, layers, profiler, batch_size, progress, desc)
     return Profile(stats, taps, layers, int(input_ids.numel()))
 
 
@@ -155,6 +176,8 @@ def capture_abs_slice(
     out: list[torch.Tensor] = []
 
     def sink(_layer: int, _tap: str, x: torch.Tensor, valid: torch.Tensor | None) -> None:
+        if _tap != tap:
+            return
         flat, mask = as_tokens_by_channels(_tap, x, valid)
         a = flat[0].abs().float()
         out.append(a if mask is None else a.masked_fill(~mask[0], 0.0))
