@@ -35,6 +35,9 @@ bench: install ## speed and memory ratios against a plain forward pass (SmolLM2-
 docs: install ## regenerate docs/reference.md (every config option) from the schemas
 	$(PY) scripts/config_reference.py > docs/reference.md
 
+coverage: install ## rerun the architecture coverage (a tiny model of every transformers family) and rewrite docs/coverage.md
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline OUTLIER_WRITE_COVERAGE=1 $(VENV)/bin/pytest -q tests/test_coverage.py
+
 lint: install ## ruff lint and format check
 	$(VENV)/bin/ruff check outlier_study tests scripts
 	$(VENV)/bin/ruff format --check outlier_study tests scripts
@@ -95,4 +98,4 @@ slurm-down: ## stop the local SLURM cluster (only the daemons slurm-up started, 
 clean: ## remove outputs (keeps .venv and the model cache)
 	rm -rf outputs multirun .pytest_cache
 
-.PHONY: help install run test bench docs lint clean slurm-up slurm-down paper quant $(PAPER_ITEMS)
+.PHONY: help install run test bench docs coverage lint clean slurm-up slurm-down paper quant $(PAPER_ITEMS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from outlier_study.adapters import adapter_for
+from outlier_study.adapters import adapter_for_config
 from outlier_study.adapters.taps import ATTENTION_TAPS, CANONICAL_TAPS
 from outlier_study.errors import ConfigError
 from outlier_study.measure.hooks import tap_hooks
@@ -59,7 +59,7 @@ def test_no_hook_or_attention_function_left_behind_even_on_error(
 def test_operator_identities(tiny: LoadedModel, token_ids: torch.Tensor) -> None:
     got, _ = capture_all(tiny, token_ids)
     a = tiny.adapter
-    gemma = a.family == "gemma3"
+    gemma = "attn.post_norm" in a.taps
     for layer in range(tiny.n_layers):
         t = {tap: got[(layer, tap)][0] for tap in a.available()}
         block = a.blocks(tiny.model)[layer]
@@ -157,16 +157,8 @@ def test_bad_taps_and_layers_are_config_errors(tiny: LoadedModel) -> None:
     assert tiny.arch.layers([-1, 0]) == [0, 2]
 
 
-def test_unsupported_model_type_is_a_config_error() -> None:
-    from transformers import AutoModelForCausalLM
+def test_out_of_scope_family_is_a_config_error_with_the_reason() -> None:
+    from transformers import AutoConfig
 
-    from outlier_study.models.tiny import tiny_config
-
-    model = AutoModelForCausalLM.from_config(
-        tiny_config(
-            "gpt_neox",
-            {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 1, "vocab_size": 300},
-        )
-    )
-    with pytest.raises(ConfigError, match=r"model: unsupported model_type 'gpt_neox'.*allowed: .*llama"):
-        adapter_for(model.config.model_type)
+    with pytest.raises(ConfigError, match=r"model: model_type 'mamba' is not measured here: state-space"):
+        adapter_for_config(AutoConfig.for_model("mamba"))

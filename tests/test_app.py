@@ -97,7 +97,7 @@ BAD_INPUT = [
     (("model=tiny-llama", "layers=[7]"), "layers: layer 7 out of range"),
     (("model=tiny-llama", "threshold.ma_abs=0"), "threshold.ma_abs: must be > 0"),
     (("model=tiny-llama", "threshold.ma_ratio=-1"), "threshold.ma_ratio: must be > 0"),
-    (("model=tiny-llama", "model.model_type=bloom"), "model.model_type"),
+    (("model=tiny-llama", "model.model_type=nope"), "model.model_type"),
 ]
 
 

@@ -255,7 +255,7 @@ CASES: list[Case] = [
         {},
         "experiment.diag_windows",
     ),
-    ("model-type", (TINY, "model.model_type=bloom"), {}, "model.model_type"),
+    ("model-type", (TINY, "model.model_type=nope"), {}, "model.model_type"),
     ("zero-layers", (TINY, "+model.arch.num_hidden_layers=0"), {}, "model"),
     ("arch-rejected", (TINY, "+model.arch.hidden_size=-1"), {}, "model.arch"),
     # --- an option group the experiment does not read

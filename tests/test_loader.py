@@ -23,7 +23,7 @@ def test_local_directory_round_trip(tmp_path: Path) -> None:
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(original.model(ids).logits, loaded.model(ids).logits)
-    assert loaded.info["source"] == "local" and loaded.adapter.family == "llama"
+    assert loaded.info["source"] == "local" and loaded.adapter.family == "qwen2"
     assert loaded.tokenizer("abc")["input_ids"] == original.tokenizer("abc")["input_ids"]
 
 

@@ -28,16 +28,18 @@ class TapSpec:
 
 
 ATTENTION = TapSpec(module="<attention-function>", io="output")  # reached through AttentionInterface
+EXPERTS = TapSpec(module="<experts-function>", io="output")  # reached through the experts interface
+CAPTURED = (ATTENTION, EXPERTS)  # taps no module hook reaches
 
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """A weight matrix of a decoder layer: module path, and which of `parts` equal row blocks of its
-    (out, in) view it is (GPT-2's fused c_attn holds q, k and v as thirds)."""
+    """A weight matrix of a decoder layer: module path, and the rows start:stop of its (out, in) view it
+    holds (stop None: all; GPT-2's fused c_attn holds q, k and v as row blocks)."""
 
     module: str
-    part: int = 0
-    parts: int = 1
+    start: int = 0
+    stop: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,12 @@ class Adapter:
     weights: dict[str, WeightSpec]  # "q", "k", ..., "down" -> where it lives
     gamma_offset: float = 0.0  # Gemma RMSNorm scales by (1 + weight)
     rotation_blocker: str | None = None  # why the exact rotation fold does not apply; None: it does
+    parallel: bool = False  # attention and MLP both read the layer input; one residual add, no resid.mid
+    parallel_sum: str = "(x+a)+m"  # how a parallel block sums input and branches: or "x+(a+m)"
+    branch_scale: float = 1.0  # resid.mid = resid.pre + branch_scale · attention branch (Granite)
+    moe: dict[int, Any] = field(default_factory=dict)  # layer -> MoESpec of its mixture-of-experts block
+    moe_taps: dict[str, TapSpec] = field(default_factory=dict)  # tap table of MoE layers, where it differs
+    absent: dict[str, str] = field(default_factory=dict)  # paper taps this family lacks -> why
 
     # ---------------------------------------------------------------- taps
 
@@ -75,8 +83,11 @@ class Adapter:
             known = sorted(set(CANONICAL_TAPS) | set(SYNONYMS) | set(self.aliases))
             raise ConfigError(field_name, f"unknown tap '{name}'", allowed=known)
         if tap not in self.taps:
+            why = f" ({self.absent[tap]})" if tap in self.absent else ""
             raise ConfigError(
-                field_name, f"tap '{name}' does not exist in {self.family} models", allowed=self.available()
+                field_name,
+                f"tap '{name}' does not exist in {self.family} models{why}",
+                allowed=self.available(),
             )
         return tap
 
@@ -96,13 +107,29 @@ class Adapter:
             return "attn.post_norm", "mlp.post_norm"
         return "attn.out", "mlp.out"
 
+    def tap_spec(self, layer: int, tap: str) -> TapSpec:
+        """Where `tap` lives in decoder layer `layer` (MoE layers of a model with dense ones differ)."""
+        if self.moe_taps and layer in self.moe:
+            return self.moe_taps[tap]
+        return self.taps[tap]
+
+    def residual_sum(self, x: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The layer output from its input x and the two branch taps a, m, in the model's own order of
+        additions (so a rebuilt output has the model's bits): the one description of the residual adds."""
+        s = self.branch_scale
+        if s != 1.0:
+            a, m = a * s, m * s
+        if self.parallel and self.parallel_sum == "x+(a+m)":
+            return x + (a + m)
+        return (x + a) + m
+
     def editable_taps(self) -> list[str]:
         """Taps whose tensor is a whole module input/output that flows on unchanged: the ones an intervention
         can replace. resid.mid is only the MLP norm's input (the residual add keeps its own copy)."""
         return [
             t
             for t in self.available()
-            if t != "resid.mid" and t not in ATTENTION_TAPS and self.taps[t].derive is None
+            if t != "resid.mid" and self.taps[t] not in CAPTURED and self.taps[t].derive is None
         ]
 
     # ---------------------------------------------------------------- modules
@@ -133,7 +160,7 @@ class Adapter:
         allowed = [*self.norms, "both"]
         if name not in allowed:
             raise ConfigError(field_name, f"no norm '{name}' in {self.family} models", allowed=allowed)
-        return ["attn", "mlp"] if name == "both" else [name]
+        return [n for n in ("attn", "mlp") if n in self.norms] if name == "both" else [name]
 
     def gamma(self, block: nn.Module, norm: str) -> torch.Tensor:
         """The weight of a layer's norm; the norm scales by weight + gamma_offset."""
@@ -148,8 +175,7 @@ class Adapter:
         """(out, in) view of a layer's weight `name`, sharing storage with the parameter."""
         spec = self.weights[name]
         view = weight_out_in(self.module(block, spec.module))  # type: ignore[arg-type]
-        rows = view.shape[0] // spec.parts
-        return view[spec.part * rows : (spec.part + 1) * rows]
+        return view[spec.start : spec.stop]
 
     def modules_of(self, names: Sequence[str]) -> tuple[str, ...]:
         """Module paths of weights, each once, in the order given (GPT-2's q, k, v share c_attn)."""
@@ -172,7 +198,8 @@ class Adapter:
 
     @property
     def kv_fused(self) -> bool:
-        return self.weights["k"].parts > 1
+        """Keys and values share one projection with the queries (their rows start at k's start)."""
+        return self.weights["k"].module == self.weights["q"].module
 
     def readers(self) -> dict[str, tuple[str, ...]]:
         """norm key -> module paths of the linears reading its output (norms that feed linears only)."""

@@ -1,7 +1,8 @@
 """True vs fake massive activations: which sublayer put each residual-stream MA there.
 
 An MA in the residual stream after a sublayer (resid.mid after attention, resid.post after the MLP) is a
-TMA when that sublayer's own output is an MA at the same (token, channel) — the residual before and after
+TMA when that sublayer's own output is an MA at the same (token, channel) (in a parallel block, which has
+no resid.mid, the sum of both sublayers' outputs at resid.post) — the residual before and after
 the sublayer differ by exactly that output — and an FMA when it was only carried by the residual add.
 An MA that is no MA after the next sublayer was cancelled there (the sublayer added at least half of
 it with the opposite sign) or faded. Only the sparse MA positions of the current layer are held.
@@ -9,10 +10,11 @@ it with the opposite sign) or faded. Only the sparse MA positions of the current
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,23 +43,35 @@ class Attributor:
 
     def __init__(self, adapter: Adapter, ma_abs: float, ma_ratio: float) -> None:
         self.attn_branch, self.mlp_branch = adapter.residual_branches()
+        self.parallel, self.scale = adapter.parallel, adapter.branch_scale
         self.ma_abs, self.ma_ratio = ma_abs, ma_ratio
         self.window_offset = 0
         self.events: list[MAEvent] = []
         self._mas: dict[str, dict[Position, float]] = {}  # this layer's MA positions so far, by tap
         self._branch = torch.empty(0)  # the sublayer output just added; the model holds it anyway
+        self._attn = torch.empty(0)  # a parallel block's attention output, until its MLP output comes
 
     @property
     def taps(self) -> list[str]:
-        return ["resid.pre", self.attn_branch, "resid.mid", self.mlp_branch, "resid.post"]
+        mid = [] if self.parallel else ["resid.mid"]
+        return ["resid.pre", self.attn_branch, *mid, self.mlp_branch, "resid.post"]
 
     def sink(self, layer: int, tap: str, x: torch.Tensor, _valid: torch.Tensor | None) -> None:
+        if tap in (self.attn_branch, self.mlp_branch) and self.scale != 1.0:
+            x = x * self.scale  # what the residual add receives
+        if self.parallel and tap == self.attn_branch:
+            self._attn = x
+            return
+        if self.parallel and tap == self.mlp_branch:
+            x = self._attn + x  # what the block adds to its input
         found: dict[Position, float] = ma_positions(x, self.ma_abs, self.ma_ratio)  # type: ignore[assignment]
         if tap in (self.attn_branch, self.mlp_branch):
             self._branch = x
         elif tap != "resid.pre":
             before, branch = (
-                ("resid.pre", self.attn_branch) if tap == "resid.mid" else ("resid.mid", self.mlp_branch)
+                ("resid.pre", self.attn_branch)
+                if tap == "resid.mid"
+                else ("resid.pre" if self.parallel else "resid.mid", self.mlp_branch)
             )
             generated = self._mas[branch]
             for (b, t, c), value in found.items():
@@ -107,3 +121,25 @@ def tma_by_layer(events: list[MAEvent]) -> dict[int, dict[int, list[MAEvent]]]:
         for lst in windows.values():
             lst.sort(key=lambda e: -abs(e.value))
     return out
+
+
+LIFECYCLE_HEADER = ["channel", "generated (TMA) at layers", "cancelled at", "faded at", "windows"]
+
+
+def sites(events: list[MAEvent], kind: str) -> str:
+    """Where events of one kind happen, with counts: '11 (×10)' for TMAs, '28 mlp.out (×10)' for losses."""
+    found = Counter((e.layer, "" if kind == "TMA" else f" {e.site}") for e in events if e.kind == kind)
+    return ", ".join(f"{layer}{site} (×{n})" for (layer, site), n in sorted(found.items())) or "—"
+
+
+def lifecycle_rows(events: list[MAEvent]) -> list[list[Any]]:
+    """Per channel, strongest first: the layers that generate its MAs and the sublayers where they are
+    cancelled or fade."""
+    by_channel: dict[int, list[MAEvent]] = {}
+    for e in events:
+        by_channel.setdefault(e.channel, []).append(e)
+    rows = []
+    for channel, evs in sorted(by_channel.items(), key=lambda kv: -max(abs(e.value) for e in kv[1])):
+        windows = len({e.window for e in evs})
+        rows.append([channel, sites(evs, "TMA"), sites(evs, "cancelled"), sites(evs, "faded"), windows])
+    return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from outlier_study.detect.rules import (
@@ -54,10 +55,20 @@ def norm_output_cos(
     threshold: Any,
     progress: bool,
 ) -> Selection:
-    """(layer, norm) -> CO channels of that norm's output over the windows: the γ entries the paper edits."""
+    """(layer, norm) -> CO channels of that norm's output over the windows: the γ entries the paper edits.
+    A per-head norm (q_norm, k_norm) shares one γ of head_dim entries over all heads: a CO in channel c of
+    its (heads · head_dim) output is γ entry c mod head_dim."""
     out_tap = {n: lm.adapter.norms[n].output_tap for n in norms}
     cos = detect_cos(lm, input_ids, list(out_tap.values()), layers, threshold, progress)
-    return {(layer, n): cos[(layer, out_tap[n])] for layer in layers for n in norms}
+    sizes = gamma_sizes(lm, [(layer, n) for layer in layers for n in norms])
+    return {
+        (layer, n): _on_gamma(cos[(layer, out_tap[n])], sizes[(layer, n)]) for layer in layers for n in norms
+    }
+
+
+def _on_gamma(channels: np.ndarray, size: int) -> np.ndarray:
+    """Output channels as γ entries (the same ones, unless γ is shared by heads)."""
+    return channels if channels.size == 0 or channels.max() < size else np.unique(channels % size)
 
 
 def detect_otc(

@@ -1,12 +1,13 @@
 """Remove the MAs carried by the residual connections, so each layer's output keeps only the MAs its own
 sublayers generated (the paper's "only TMA left", Fig. 4/5 right).
 
-Every supported decoder layer computes out = (x + attn_branch) + mlp_branch, with both sublayers reading
-the original x. The intervention keeps the sublayers' view of x and swaps x's MA elements for a fill on the
-residual path only: at those positions the output becomes (fill + attn_branch) + mlp_branch. Rebuilding it
-from the captured branch outputs, in the model's own order of additions, gives exactly the bits a model
-with an edited residual copy would produce; subtracting (x − fill) from the output would not (at |x| ~ 1e4
-a bf16 sum has already rounded the branches away).
+Every decoder layer computes its output from x and the two branches in one order of additions
+(`Adapter.residual_sum`: (x + attn) + mlp for sequential layers, x + (attn + mlp) for some parallel
+ones). The intervention keeps the sublayers' view of x and swaps x's MA elements for a fill on the
+residual path only: at those positions the output becomes residual_sum(fill, attn_branch, mlp_branch).
+Rebuilding it from the captured branch outputs, in the model's own order of additions, gives exactly
+the bits a model with an edited residual copy would produce; subtracting (x − fill) from the output
+would not (at |x| ~ 1e4 a bf16 sum has already rounded the branches away).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def remove_residual_mas(
         def hook(module: nn.Module, y: torch.Tensor) -> None:
             state = pending.get(layer)
             if state is not None:
-                state.branches[name] = y
+                state.branches[name] = y.clone()  # Falcon adds attention into the MLP output in place
 
         return hook
 
@@ -88,14 +89,14 @@ def remove_residual_mas(
                 raise RuntimeError(f"layer {layer}: sublayer outputs not seen ({sorted(state.branches)})")
             a, m = state.branches["attn"], state.branches["mlp"]
             mask = state.mask
-            # Guard the premise out = (x + a) + m where it matters; fails e.g. with dropout in train mode.
-            if not torch.equal(((state.x + a) + m)[mask], y[mask]):
+            # Guard the premise where it matters; fails e.g. with dropout in train mode.
+            if not torch.equal(adapter.residual_sum(state.x, a, m)[mask], y[mask]):
                 raise RuntimeError(
                     f"layer {layer}: output is not (input + attention branch) + MLP branch; "
                     "the residual intervention cannot be applied exactly (is the model in eval mode?)"
                 )
             log.add(layer, state.count)
-            return torch.where(mask, (state.fill + a) + m, y)
+            return torch.where(mask, adapter.residual_sum(state.fill, a, m), y)
 
         return hook
 

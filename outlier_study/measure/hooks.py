@@ -12,14 +12,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from outlier_study.adapters.base import Adapter, Derive
+from outlier_study.adapters.base import CAPTURED, Adapter, Derive
 from outlier_study.adapters.experts import moe_specs
 from outlier_study.adapters.taps import ATTENTION_TAPS
 from outlier_study.measure.attention import capture_attention
 from outlier_study.measure.experts import MOE_TAPS, capture_experts
 
 # (layer index, canonical tap or per-expert key `tap@expert`, tensor (B, T, C), or (B, H, Tq, Tk) for
-# attention taps, or (B, k, T, C) for a MoE layer's expert taps pooled over its k routed experts; valid or None)
+# attention taps, or (B, k, T, C) for a MoE layer's expert taps pooled over its k routed experts;
+# valid mask or None)
 TapSink = Callable[[int, str, torch.Tensor, torch.Tensor | None], None]
 # Sees a module's tensor at a hook; a returned tensor replaces it downstream, None leaves it as it is.
 TensorFn = Callable[[nn.Module, torch.Tensor], torch.Tensor | None]
@@ -78,8 +79,8 @@ def tap_hooks(
         for layer in layers:
             groups: dict[tuple[str, str], list[tuple[str, Derive | None]]] = defaultdict(list)
             for tap in taps:
-                if tap not in ATTENTION_TAPS:
-                    spec = adapter.taps[tap]
+                spec = adapter.tap_spec(layer, tap)
+                if spec not in CAPTURED:
                     groups[(spec.module, spec.io)].append((tap, spec.derive))
             for (path, io), derived in groups.items():
                 module = adapter.module(blocks[layer], path)

@@ -19,12 +19,14 @@ from typing import Any
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from outlier_study.adapters import Adapter, Arch, arch_of
 from outlier_study.errors import ConfigError, require
@@ -159,10 +161,10 @@ def describe_model(cfg: Any, cache_root: str | Path) -> Arch:
     """The model's family, depth and context from its config alone (no weights are read)."""
     if str(cfg.source) == "random":
         require(
-            cfg.model_type in TINY_ARCHS,
+            cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
             "model.model_type",
-            f"no tiny {cfg.model_type!r} model",
-            sorted(TINY_ARCHS),
+            f"no causal LM family {cfg.model_type!r} in transformers",
+            [*sorted(TINY_ARCHS), "<any model_type of transformers' causal LMs>"],
         )
         try:
             config = tiny_config(cfg.model_type, dict(cfg.arch))
@@ -170,13 +172,34 @@ def describe_model(cfg: Any, cache_root: str | Path) -> Arch:
             reason = " ".join(str(err).split())[:200]
             why = f"transformers refuses this {cfg.model_type} config: {reason}"
             raise ConfigError("model.arch", why) from None
-        return arch_of(config)
+        return _checked(cfg, arch_of(config))
     loc = locate(cfg, Path(cache_root))
     try:
         config = _read_config(cfg, loc)
     except Exception as err:  # OSError, JSON errors, and struct.error & co. from a truncated GGUF
         raise _config_error(cfg, loc, err) from None
-    return arch_of(config)
+    return _checked(cfg, arch_of(config))
+
+
+def _checked(cfg: Any, arch: Arch) -> Arch:
+    """The family is known (arch_of refused it otherwise); now its attention implementation, before any
+    implementation is chosen for it."""
+    impl = str(cfg.attn_implementation)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(arch.config)]
+    supported = {
+        "sdpa": getattr(model_class, "_supports_sdpa", False),
+        "flex_attention": getattr(model_class, "_supports_flex_attn", False),
+        "flash_attention_2": getattr(model_class, "_supports_flash_attn", False),
+        "eager": True,
+    }
+    allowed = [name for name, ok in supported.items() if ok]
+    require(
+        impl not in supported or supported[impl],
+        "model.attn_implementation",
+        f"{arch.adapter.family} models do not support '{impl}' attention",
+        allowed,
+    )
+    return arch
 
 
 def _load_gguf(loc: Location, cache_root: Path, use_cache: bool) -> tuple[PreTrainedModel, Path | None]:

@@ -59,6 +59,58 @@ TINY_ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
+# One shrink for every other family: each size field its default config has, made small. Fields whose
+# default is None are derived by the config itself (head_dim from hidden_size and heads, ...).
+SHRINK: dict[str, Any] = {
+    "vocab_size": BYTE_VOCAB_SIZE,
+    "hidden_size": 64,
+    "n_embd": 64,
+    "d_model": 64,
+    "intermediate_size": 128,
+    "ffn_hidden_size": 128,
+    "ffn_dim": 128,
+    "num_hidden_layers": 2,
+    "n_layer": 2,
+    "num_attention_heads": 4,
+    "n_head": 4,
+    "num_key_value_heads": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 64,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "q_lora_rank": 32,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "rotary_dim": 8,
+    "max_position_embeddings": 1024,
+    "n_positions": 1024,
+    "bos_token_id": 256,
+    "eos_token_id": 257,
+    "pad_token_id": None,
+    "tie_word_embeddings": False,
+}
+DERIVED = ("layer_types",)  # lists per layer: recomputed by the config for the new depth
+
+
+def shrunk_overrides(model_type: str) -> dict[str, Any]:
+    """The SHRINK fields a family's default config has (and sets), for a tiny model of that family."""
+    default = AutoConfig.for_model(model_type)
+    out = {k: v for k, v in SHRINK.items() if getattr(default, k, None) is not None or k == "pad_token_id"}
+    if getattr(default, "num_key_value_heads", None) == getattr(default, "num_attention_heads", None):
+        out["num_key_value_heads"] = SHRINK["num_attention_heads"]  # multi-head attention stays so
+    out |= {k: None for k in DERIVED if getattr(default, k, None) is not None}
+    return out
+
+
 def tiny_config(model_type: str, overrides: dict[str, Any] | None = None) -> Any:
-    """HF config for a tiny model of `model_type`, with optional field overrides."""
-    return AutoConfig.for_model(model_type, **{**TINY_ARCHS.get(model_type, {}), **(overrides or {})})
+    """HF config for a tiny model of `model_type` (hand-set shapes for the paper's families, the generic
+    shrink for the others), with optional field overrides."""
+    base = TINY_ARCHS[model_type] if model_type in TINY_ARCHS else shrunk_overrides(model_type)
+    return AutoConfig.for_model(model_type, **{**base, **(overrides or {})})

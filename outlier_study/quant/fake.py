@@ -143,7 +143,8 @@ def head_dim(config: object) -> int:
 
 
 def _kv_hook(bits: int, group: int, fused_width: int | None) -> Any:
-    """Quantize a k/v projection output per token and head; for GPT-2's c_attn only its k and v thirds."""
+    """Quantize a k/v projection output per token and head; for a fused q/k/v projection (GPT-2's c_attn)
+    only the rows from k's start on."""
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         if fused_width is None:
@@ -180,7 +181,7 @@ def fake_quant(lm: LoadedModel, spec: QuantSpec) -> Iterator[dict[str, Any]]:
             for block in adapter.blocks(model):
                 for path in adapter.kv:
                     module = adapter.module(block, path)
-                    fused = weight_out_in(module).shape[0] // 3 if adapter.kv_fused else None
+                    fused = adapter.weights["k"].start if adapter.kv_fused else None
                     hook = _kv_hook(spec.kv_bits, group, fused)
                     stack.callback(module.register_forward_hook(hook).remove)
         yield record

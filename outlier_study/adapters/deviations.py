@@ -1,0 +1,83 @@
+"""What a family's module names cannot say, as tables keyed by `config.model_type`.
+
+Everything else about a decoder layer is read off its modules (`adapters/structure.py`); a family appears
+here only for a real deviation from the common layout, and each deviation is one table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+Predicate = Callable[[Any], bool]
+
+
+def _always(_config: Any) -> bool:
+    return True
+
+
+def _flag(name: str, default: bool = False) -> Predicate:
+    return lambda config: bool(getattr(config, name, default))
+
+
+def _falcon_parallel(config: Any) -> bool:
+    return bool(config.parallel_attn or config.new_decoder_architecture)
+
+
+# Parallel blocks: attention and MLP both read the layer input; one residual add, no resid.mid.
+PARALLEL: dict[str, Predicate] = {
+    "gpt_neox": _flag("use_parallel_residual", True),
+    "gpt_neox_japanese": _always,
+    "stablelm": _flag("use_parallel_residual"),
+    "phi": _always,
+    "gptj": _always,
+    "codegen": _always,
+    "cohere": _always,
+    "cohere2": _always,
+    "falcon": _falcon_parallel,
+}
+
+# How a parallel block sums its three terms, for bit-exact rebuilding: "(x+a)+m" or "x+(a+m)" (addition
+# of two floats commutes, so (m+a)+x is x+(a+m)).
+PARALLEL_SUM: dict[str, str] = {
+    "gpt_neox": "x+(a+m)",
+    "gpt_neox_japanese": "x+(a+m)",
+    "phi": "x+(a+m)",
+    "gptj": "x+(a+m)",
+    "codegen": "x+(a+m)",
+    "falcon": "x+(a+m)",
+    "cohere": "(x+a)+m",
+    "cohere2": "(x+a)+m",
+    "stablelm": "(x+a)+m",
+}
+
+# Norms that scale by (1 + weight) instead of weight.
+GAMMA_OFFSET: dict[str, float] = {
+    "gemma": 1.0,
+    "gemma2": 1.0,
+    "gemma3": 1.0,
+    "gemma3_text": 1.0,
+    "vaultgemma": 1.0,
+}
+
+# Residual branches scaled before the add: resid.mid = resid.pre + scale · branch.
+BRANCH_SCALE: dict[str, str] = {
+    "granite": "residual_multiplier",
+    "granitemoe": "residual_multiplier",
+    "granitemoeshared": "residual_multiplier",
+    "granite_swa": "residual_multiplier",
+    "granitemoe_swa": "residual_multiplier",
+    "hyperclovax": "residual_multiplier",
+}
+
+# Families whose layout the derivation reads but whose numbers it cannot vouch for: refused, with why.
+REFUSED: dict[str, str] = {}
+
+
+def parallel(model_type: str, config: Any) -> bool:
+    return PARALLEL.get(model_type, lambda _c: False)(config)
+
+
+def branch_scale(model_type: str, config: Any) -> float:
+    field = BRANCH_SCALE.get(model_type)
+    return float(getattr(config, field, 1.0) or 1.0) if field else 1.0
