@@ -62,6 +62,7 @@ _FIELDS: dict[str, dict[str, Any]] = {  # where a family needs a field set
         "first_k_dense_replace": 1,
     },
     "gpt_oss": {"sliding_window": 8, "layer_types": None},
+    "llama4_text": {"intermediate_size_mlp": 96},
 }
 FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2", "gpt_oss", "granitemoe")
 MORE = ("phimoe", "deepseek_v3")
@@ -121,11 +122,15 @@ def observed(model: nn.Module, specs: dict[int, MoESpec]) -> Iterator[dict[int, 
         block = model.model.layers[layer]
 
         def experts_in(_m: nn.Module, args: tuple[Any, ...], layer: int = layer) -> None:
-            seen[layer]["x"], seen[layer]["idx"], seen[layer]["w"] = (a.clone() for a in args[:3])
+            if len(args) >= 3:
+                seen[layer]["x"], seen[layer]["idx"], seen[layer]["w"] = (a.clone() for a in args[:3])
+            else:  # experts outside the interface: every token, scaled by its routing weight
+                seen[layer]["scaled"] = args[0].clone()
 
         def block_io(_m: nn.Module, args: tuple[Any, ...], out: Any, layer: int = layer) -> None:
             seen[layer]["in"] = args[0].clone()
-            seen[layer]["out"] = (out[0] if isinstance(out, tuple) else out).clone()
+            out = out[0] if isinstance(out, tuple) else out
+            seen[layer]["out"] = out.reshape(args[0].shape).clone()  # Llama 4 returns (B·T, H)
 
         handles.append(block.get_submodule(spec.experts).register_forward_pre_hook(experts_in))
         handles.append(block.get_submodule(spec.block).register_forward_hook(block_io))
@@ -282,6 +287,38 @@ def test_pooled_key_holds_every_routed_pair_in_slot_order() -> None:
                     e = int(idx[window, token, slot])
                     per_expert = sink.got[(layer, expert_key("mlp.hidden", e))][0]
                     assert torch.equal(pooled[window, slot, token], per_expert[window, token])
+
+
+def test_experts_outside_the_interface_through_hooks() -> None:
+    """Llama 4 runs every token through every expert, its input scaled by its routing weight (0 where not
+    routed): read with forward hooks, the same keys come out, and the block output is the shared expert's
+    plus the sum of the expert outputs."""
+    model = tiny_moe("llama4_text")
+    x = ids()
+    reference = logits(model, x)
+    sink, seen = capture_all(model, x)
+    assert torch.equal(logits(model, x), reference)
+    specs = moe_specs(model.model.layers)
+    assert specs and not any(spec.interface for spec in specs.values())
+    for layer, spec in specs.items():
+        block = model.model.layers[layer]
+        weights, routed = sink.got[(layer, ROUTING)]
+        assert routed is not None and bool((routed.sum(-1) == model.config.num_experts_per_tok).all())
+        b, t = routed.shape[:2]
+        scaled = seen[layer]["scaled"].view(spec.num_experts, b, t, -1)
+        total = sink.got[(layer, expert_key("mlp.out", "shared"))][0].clone()
+        for e in range(spec.num_experts):
+            mask = routed[..., e]
+            got = {tap: sink.got[(layer, expert_key(tap, e))][0] for tap in expert_taps(spec)}
+            gate = scaled[e][mask] @ expert_weight_view(block, spec, "gate", e).T
+            torch.testing.assert_close(got["mlp.gate"][mask], gate)
+            torch.testing.assert_close(got["mlp.hidden"], got["mlp.act"] * got["mlp.up"])
+            down = expert_weight_view(block, spec, "down", e)
+            torch.testing.assert_close(got["mlp.out"][mask], got["mlp.hidden"][mask] @ down.T)
+            total += got["mlp.out"]
+        torch.testing.assert_close(total, seen[layer]["out"], rtol=1e-5, atol=1e-6)
+        pooled, _ = sink.got[(layer, "mlp.hidden")]
+        assert pooled.shape[:3] == (b, model.config.num_experts_per_tok, t)
 
 
 def test_profiler_folds_the_pooled_key_and_maps_tokens_back() -> None:
@@ -479,7 +516,13 @@ def _edited_run(
 
 @pytest.mark.parametrize(
     ("family", "tap"),
-    [("mixtral", "mlp.hidden"), ("mixtral", "mlp.out"), ("gpt_oss", "mlp.hidden"), ("gpt_oss", "mlp.out")],
+    [
+        ("mixtral", "mlp.hidden"),
+        ("mixtral", "mlp.out"),
+        ("gpt_oss", "mlp.hidden"),
+        ("gpt_oss", "mlp.out"),
+        ("llama4_text", "mlp.hidden"),
+    ],
 )
 def test_massive_in_one_expert_moves_only_its_routed_rows(family: str, tap: str) -> None:
     """Only the (token, expert) rows whose y6/y7 held an MA change, by routing weight · the change the
@@ -513,10 +556,11 @@ def test_massive_in_one_expert_moves_only_its_routed_rows(family: str, tap: str)
     block = model.model.layers[layer]
     spec = find_moe(block)
     assert spec is not None
-    b, t = x.shape[:2]
-    idx, wk = seen["plain"]["idx"].view(b, t, -1), seen["plain"]["w"].view(b, t, -1)
-    w = (wk * (idx == expert)).sum(-1)
-    delta = want - x if tap == "mlp.out" else (want - x) @ expert_weight_view(block, spec, "down", expert).T
+    weights, _ = before.got[(layer, ROUTING)]
+    w = weights[..., expert] if spec.interface else routed.float()  # Llama 4 weighs the expert's input
+    with torch.no_grad():
+        down = expert_weight_view(block, spec, "down", expert)
+        delta = want - x if tap == "mlp.out" else (want - x) @ down.T
     torch.testing.assert_close(out_after, out_before + w[..., None] * delta, rtol=1e-5, atol=1e-4)
 
 

@@ -6,7 +6,9 @@ implementation its config names (`config._experts_implementation`: eager, batche
 with the untouched inputs (so the forward pass and the logits stay bit-identical) and then recomputes,
 for every expert hit, its MLP taps on the tokens routed to it. It is selected only inside the `with`
 block; the config's own implementation is restored on exit, errors included. No method is replaced:
-the router, the shared experts and the decoder layer are read with ordinary forward hooks.
+the router, the shared experts and the decoder layer are read with ordinary forward hooks, and so are
+experts that do not dispatch through the interface (Llama 4: every token through every expert, its input
+scaled by its routing weight), whose taps are then on those scaled inputs.
 
 What reaches the sink, for a MoE layer (B windows of T tokens, k experts routed per token):
 - per expert, key `expert_key(tap, e)`: a (B, T, C) tensor, valid (B, T, 1) only at the tokens routed to
@@ -112,21 +114,34 @@ def _routing_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.
     return tuple(out)
 
 
+def _active(module: nn.Module) -> tuple[list[tuple[_Edit, _Site]], list[tuple[_Capture, _Site]]]:
+    key = id(module)
+    edits = [(e, e.sites[key]) for e in _EDITS.get() if key in e.sites]
+    return edits, [(c, c.sites[key]) for c in _CAPTURES.get() if key in c.sites]
+
+
+def _run(
+    edits: list[tuple[_Edit, _Site]],
+    captures: list[tuple[_Capture, _Site]],
+    routed: _Routed,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    for edit, site in edits:  # edits first: measurement sees what they changed
+        out = _apply_edit(edit, site, routed, out)
+    for capture, site in captures:
+        _record(capture, site, routed)
+    return out
+
+
 def _capturing_forward(module: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     impl = str(module.config._experts_implementation).removeprefix(_PREFIX)  # type: ignore[union-attr]
     out = _original_function(module, impl)(module, *args, **kwargs)
-    key = id(module)
-    edits = [(e, e.sites[key]) for e in _EDITS.get() if key in e.sites]
-    captures = [(c, c.sites[key]) for c in _CAPTURES.get() if key in c.sites]
+    edits, captures = _active(module)
     if not edits and not captures:
         return out
     with torch.no_grad():
-        routed = _Routed(module, (edits or captures)[0][1].spec, *_routing_args(args, kwargs))
-        for edit, site in edits:  # edits first: measurement sees what they changed
-            out = _apply_edit(edit, site, routed, out)
-        for capture, site in captures:
-            _record(capture, site, routed)
-    return out
+        x, idx, w = _routing_args(args, kwargs)
+        return _run(edits, captures, _Routed(module, (edits or captures)[0][1].spec, idx, w, x), out)
 
 
 def _register(impl: str) -> str:
@@ -159,12 +174,22 @@ def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transpose
 
 
 class _Routed:
-    """The routing of one call and, per expert hit (computed once, on demand), its taps on its tokens."""
+    """The routing of one call and, per expert hit (computed once, on demand), its taps on its tokens.
+
+    Experts run through the interface read x (N, H) and weigh their outputs; experts outside it (Llama 4)
+    read every token, already scaled by its routing weight (0 where not routed): `scaled` (E, N, H)."""
 
     def __init__(
-        self, module: nn.Module, spec: MoESpec, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor
+        self,
+        module: nn.Module,
+        spec: MoESpec,
+        idx: torch.Tensor,
+        w: torch.Tensor,
+        x: torch.Tensor | None = None,
+        scaled: torch.Tensor | None = None,
     ) -> None:
-        self.module, self.spec, self.x, self.idx, self.w = module, spec, x, idx, w
+        self.module, self.spec, self.idx, self.w, self.x, self.scaled = module, spec, idx, w, x, scaled
+        self.n = int(idx.shape[0])
         self.k = int(idx.shape[-1])
         real = idx[idx < spec.num_experts]  # expert-parallel sentinels (>= E) are no expert
         self.hit: list[int] = sorted(set(real.unique().tolist()))
@@ -182,6 +207,21 @@ class _Routed:
         tok, slot = self.rows(e)
         return self.w[tok, slot]
 
+    def inputs(self, e: int) -> torch.Tensor:
+        tok = self.rows(e)[0]
+        return self.x[tok] if self.scaled is None else self.scaled[e][tok]  # type: ignore[index]
+
+    def like(self) -> torch.Tensor:
+        return self.x if self.scaled is None else self.scaled
+
+    def out_rows(self, e: int, tok: torch.Tensor) -> torch.Tensor:
+        """Rows of the experts' output holding (token, e): token rows, or e's block of E·N rows."""
+        return tok if self.scaled is None else tok + e * self.n
+
+    def out_weights(self, e: int) -> torch.Tensor | None:
+        """What multiplies an expert's output rows: its routing weights (None: applied to its input)."""
+        return self.weights(e) if self.scaled is None else None
+
     def down(self, e: int, hidden: torch.Tensor, bias: bool = True) -> torch.Tensor:
         m, s = self.module, self.spec
         b = m.down_proj_bias[e] if s.has_bias and bias else None
@@ -195,7 +235,7 @@ class _Routed:
         if e in self._taps:
             return self._taps[e]
         m, s = self.module, self.spec
-        xe = self.x[self.rows(e)[0]]
+        xe = self.inputs(e)
         out: dict[str, torch.Tensor] = {}
         if s.has_gate:
             b = m.gate_up_proj_bias[e] if s.has_bias else None
@@ -206,7 +246,10 @@ class _Routed:
                 out["mlp.gate"], out["mlp.up"] = gate_up[..., 0::2], gate_up[..., 1::2]
             if not s.custom_gate:
                 out["mlp.act"] = m.act_fn(out["mlp.gate"])
-            out["mlp.hidden"] = m._apply_gate(gate_up)
+            if hasattr(m, "_apply_gate"):
+                out["mlp.hidden"] = m._apply_gate(gate_up)
+            else:  # experts outside the interface gate the default way
+                out["mlp.hidden"] = out["mlp.act"] * out["mlp.up"]
         else:
             b = m.up_proj_bias[e] if s.has_bias else None
             out["mlp.up"] = _project(xe, m.up_proj[e], b, s.is_transposed)
@@ -222,8 +265,8 @@ class _Routed:
 def _record(capture: _Capture, site: _Site, routed: _Routed) -> None:
     b, t = site.shape
     n, k, num = b * t, routed.k, site.spec.num_experts
-    if routed.x.shape[0] != n:
-        raise RuntimeError(f"layer {site.layer}: {routed.x.shape[0]} tokens reached the experts, not {b}×{t}")
+    if routed.n != n:
+        raise RuntimeError(f"layer {site.layer}: {routed.n} tokens reached the experts, not {b}×{t}")
     sink, layer = capture.sink, site.layer
     for tap in capture.taps:
         if tap not in capture.pooled and not capture.per_expert:
@@ -240,13 +283,13 @@ def _record(capture: _Capture, site: _Site, routed: _Routed) -> None:
         for e in range(num):
             if e in routed.hit:
                 tok, _ = routed.rows(e)
-                dense = routed.x.new_zeros(n, width)
+                dense = routed.like().new_zeros(n, width)
                 dense[tok] = routed.taps(e)[tap].to(dense.dtype)
                 mask = torch.zeros(n, 1, dtype=torch.bool, device=dense.device)
                 mask[tok] = True
                 sink(layer, expert_key(tap, e), dense.view(b, t, width), mask.view(b, t, 1))
             else:
-                empty = routed.x.new_zeros(b, 0, width)
+                empty = routed.like().new_zeros(b, 0, width)
                 none = torch.zeros(b, 0, 1, dtype=torch.bool, device=empty.device)
                 sink(layer, expert_key(tap, e), empty, none)
     if capture.per_expert:
@@ -263,7 +306,7 @@ def _record_pooled(
 ) -> None:
     """Every routed (token, expert) pair as (B, k, T, C): slot j holds each token's j-th routed choice."""
     b, k, t, _ = shape
-    pooled = routed.x.new_zeros(shape)
+    pooled = routed.like().new_zeros(shape)
     for e in routed.hit:
         tok, slot = routed.rows(e)
         pooled[tok // t, slot, tok % t] = routed.taps(e)[tap].to(pooled.dtype)
@@ -345,8 +388,9 @@ def _apply_edit(edit: _Edit, site: _Site, routed: _Routed, out: torch.Tensor) ->
             delta = routed.post(new) - routed.post(old)
             taps["mlp.out"] = new
         rows = changed.nonzero(as_tuple=True)[0]
-        contribution = delta[rows] * routed.weights(e)[rows, None].to(delta.dtype)
-        out = out.index_add(0, tok[rows], contribution.to(out.dtype))
+        weights = routed.out_weights(e)
+        contribution = delta[rows] if weights is None else delta[rows] * weights[rows, None].to(delta.dtype)
+        out = out.index_add(0, routed.out_rows(e, tok[rows]), contribution.to(out.dtype))
     return out
 
 
@@ -485,11 +529,63 @@ def _sites(
     return out
 
 
-def _not_capturable(site: _Site) -> ValueError:
-    return ValueError(
-        f"layer {site.layer}: {type(site.experts).__name__} does not dispatch through transformers' "
-        "experts interface, so its experts cannot be captured"
-    )
+# Experts outside the interface (Llama 4: every token through every expert, its input scaled by its
+# routing weight) are read with forward hooks instead: the router's, which keeps the routing of the call,
+# and the experts', which sees their input and may replace their output. One pair per experts module,
+# shared by every active capture and edit.
+_ROUTING_OF: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(experts) -> (top_k_index, weights)
+_HOOKED: dict[int, list[Any]] = {}  # id(experts) -> [users, handles]
+
+
+def _router_routing(site: _Site, router_weight: nn.Module) -> Callable[..., None]:
+    """Top-k of the router's logits (recomputed with its own weight, as nn.Linear does) and the scores
+    the router output holds for them."""
+
+    def post(router: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        x = args[0].reshape(-1, site.spec.hidden)
+        logits = F.linear(x, router_weight.weight, getattr(router_weight, "bias", None))
+        k = int(getattr(router, "top_k", None) or site.experts.config.num_experts_per_tok)
+        idx = logits.topk(k, dim=1).indices
+        outputs = output if isinstance(output, tuple) else (output,)
+        scores = next(o for o in outputs if isinstance(o, torch.Tensor) and o.shape == logits.shape)
+        _ROUTING_OF[id(site.experts)] = (idx, scores.gather(1, idx))
+
+    return post
+
+
+def _scaled_experts_hook(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+    module = _module
+    edits, captures = _active(module)
+    if not edits and not captures:
+        return None
+    with torch.no_grad():
+        site = (edits or captures)[0][1]
+        idx, w = _ROUTING_OF.pop(id(module))
+        scaled = args[0].view(site.spec.num_experts, idx.shape[0], -1)
+        new = _run(edits, captures, _Routed(module, site.spec, idx, w, scaled=scaled), output)
+    return None if new is output else new
+
+
+@contextmanager
+def _hooked(block: nn.Module, site: _Site) -> Iterator[None]:
+    key = id(site.experts)
+    if key not in _HOOKED:
+        router = block.get_submodule(site.spec.router)
+        weight = block.get_submodule(site.spec.router_weight)
+        handles = [
+            router.register_forward_hook(_router_routing(site, weight)),
+            site.experts.register_forward_hook(_scaled_experts_hook),
+        ]
+        _HOOKED[key] = [0, handles]
+    _HOOKED[key][0] += 1
+    try:
+        yield
+    finally:
+        _HOOKED[key][0] -= 1
+        if not _HOOKED[key][0]:
+            for handle in _HOOKED.pop(key)[1]:
+                handle.remove()
+            _ROUTING_OF.pop(key, None)
 
 
 @contextmanager
@@ -522,13 +618,14 @@ def capture_experts(
                 hook = _router_hook(site, block.get_submodule(site.spec.router_weight), sink, router_wanted)
                 stack.callback(router.register_forward_pre_hook(hook, with_kwargs=True).remove)
             if needs_experts:
-                if not site.spec.interface:
-                    raise _not_capturable(site)
                 capture.sites[id(site.experts)] = site
+                if not site.spec.interface:
+                    stack.enter_context(_hooked(block, site))
             if per_expert and site.spec.shared is not None and expert_wanted:
                 _shared_capture(stack, block, site, capture)
-        if capture.sites:
+        if any(site.spec.interface for site in capture.sites.values()):
             stack.enter_context(_selected(model))
+        if capture.sites:
             token = _CAPTURES.set((*_CAPTURES.get(), capture))
             stack.callback(_CAPTURES.reset, token)
         yield
@@ -562,14 +659,15 @@ def edit_experts(
                 continue
             stack.callback(block.register_forward_pre_hook(_shape_hook(site), with_kwargs=True).remove)
             if targets:
-                if not site.spec.interface:
-                    raise _not_capturable(site)
                 edit.sites[id(site.experts)] = site
                 edit.targets[id(site.experts)] = frozenset(targets)
+                if not site.spec.interface:
+                    stack.enter_context(_hooked(block, site))
             if share:
                 _shared_edit(stack, block, site, edit)
-        if edit.sites:
+        if any(site.spec.interface for site in edit.sites.values()):
             stack.enter_context(_selected(model))
+        if edit.sites:
             token = _EDITS.set((*_EDITS.get(), edit))
             stack.callback(_EDITS.reset, token)
         yield
