@@ -7,8 +7,10 @@ the router taps and load, exact restore, the weight views, and the massive inter
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,14 +22,17 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from outlier_study.adapters.experts import MoESpec, expert_bias_view, expert_weight_view, find_moe, moe_specs
 from outlier_study.adapters.taps import EXPERT_TAPS, expert_key, split_expert
+from outlier_study.app import run
 from outlier_study.errors import ConfigError
 from outlier_study.interventions.massive import expert_choice
 from outlier_study.measure import experts as moe_capture
 from outlier_study.measure.experts import ROUTER_TAPS, ROUTING, capture_experts, edit_experts, expert_taps
 from outlier_study.measure.profiler import Profiler
 from outlier_study.output import expert_tables
+from outlier_study.output.files import read_csv
 from outlier_study.stats.massive import ma_mask
 from outlier_study.stats.reducers import TapReducer
+from tests.helpers import make_cfg
 
 # Shrunk default configs: hidden 64, 2 layers, 4 experts, top-2, vocab 258 (ids inside it), float32.
 _SHRINK: dict[str, Any] = {
@@ -651,3 +656,40 @@ def test_expert_tables_from_streamed_statistics() -> None:
     rows = expert_tables.expert_stat_rows(per_expert)
     assert rows[0][:3] == (0, "mlp.gate", "0") and {r[2] for r in rows} == {"0", "1", "2", "3"}
     assert moe_capture.ROUTING == expert_tables.ROUTING
+
+
+# ---------------------------------------------------------------- through the app, on the tiny MoE configs
+
+SMALL = ("dataset.seq_len=32", "dataset.n_windows=3", "dataset.batch_size=2", "progress=false")
+
+
+@pytest.mark.parametrize("model", ["tiny-mixtral", "tiny-deepseek-v3"])
+def test_profile_of_a_moe_model_writes_the_expert_tables(tmp_path: Path, model: str) -> None:
+    job = run(make_cfg(*SMALL, f"model={model}"), job_dir=tmp_path / "job")
+    assert json.loads((job / "status.json").read_text())["status"] == "ok"
+    assert "@" not in "".join(r["tap"] for r in read_csv(job / "layer_stats.csv"))
+    assert all(0 <= int(r["token"]) < 32 for r in read_csv(job / "topk.csv"))  # pooled keys mapped back
+    rows = read_csv(job / "expert_stats.csv")
+    experts = {r["expert"] for r in rows}
+    assert {"0", "1", "2", "3"} <= experts
+    assert ("shared" in experts) == (model == "tiny-deepseek-v3")
+    load = read_csv(job / "tables" / "moe_router_load.csv")
+    tokens = 3 * 32
+    for layer in {r["layer"] for r in load}:
+        routed = sum(int(r["tokens_routed"]) for r in load if r["layer"] == layer)
+        shares = sum(float(r["token_share"]) for r in load if r["layer"] == layer)
+        assert routed % tokens == 0 and routed // tokens >= 1  # every token routed to k experts
+        assert abs(shares - routed / tokens) < 1e-3  # the shares sum to k
+    assert (job / "tables" / "moe_expert_mas.md").exists()
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert "expert_ma_count_total" in metrics
+
+
+def test_massive_in_one_expert_through_the_app(tmp_path: Path) -> None:
+    overrides = (*SMALL, "model=tiny-qwen3-moe", "experiment=perplexity", "intervention=massive")
+    job = run(make_cfg(*overrides, "intervention.expert=1", "intervention.tap=y7"), job_dir=tmp_path / "job")
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["intervention.tap"] == "mlp.out@1"
+    with pytest.raises(ConfigError, match=r"intervention.expert: no expert '9' in qwen3_moe models"):
+        run(make_cfg(*overrides, "intervention.expert=9"), job_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad" / "metrics.json").exists()
