@@ -105,9 +105,11 @@ OUT_OF_SCOPE: dict[str, str] = {
             "qwen4_exp",
             "dots3_note",
             "minimax_m3_vl_text",
+            "gemma3",
         ),
         MULTIMODAL,
     ),
+    "blt": "a byte-level model with local and global transformers, not one stack of decoder layers",
 }
 
 
