@@ -11,9 +11,11 @@ import torch
 from outlier_study.adapters.base import Arch
 from outlier_study.config.options import opt
 from outlier_study.context import Context
+from outlier_study.detect.attribution import MAEvent, attribute
 from outlier_study.errors import require
 from outlier_study.interventions.record import Change
 from outlier_study.measure.checkpoints import WindowCheckpoint, checkpoint_path
+from outlier_study.measure.forward import forward_windows
 from outlier_study.measure.perplexity import Perplexity, evaluate_perplexity
 from outlier_study.measure.profiler import ChannelsByTap, Profile, profile_channels, profile_windows
 from outlier_study.output.perplexity_file import evaluation, write_perplexity
@@ -101,6 +103,15 @@ def channel_profile(
         progress=bool(ctx.cfg.progress),
         desc=f"{ctx.cfg.experiment.name} channels",
     )
+
+
+def ma_events(ctx: Context, layers: list[int]) -> list[MAEvent]:
+    """Every residual-stream MA event (TMA, FMA, cancelled, faded) over the job's windows at `layers`."""
+    th = ctx.threshold
+    with attribute(ctx.lm, layers, th.ma_abs, th.ma_ratio) as att:
+        bs = ctx.cfg.dataset.batch_size
+        forward_windows(ctx.lm, ctx.windows.input_ids, bs, ctx.cfg.progress, "attribution", att)
+    return att.events
 
 
 def co_rule(ctx: Context) -> dict[str, Any]:

@@ -10,21 +10,19 @@ import numpy as np
 
 from outlier_study.config.options import name_only
 from outlier_study.context import Context
-from outlier_study.detect.attribution import MAEvent, attribute, first_appearance, tma_by_layer
+from outlier_study.detect.attribution import (
+    LIFECYCLE_HEADER,
+    MAEvent,
+    first_appearance,
+    lifecycle_rows,
+    tma_by_layer,
+)
 from outlier_study.experiments.base import experiment
-from outlier_study.measure.forward import forward_windows
+from outlier_study.experiments.common import ma_events
 from outlier_study.output.files import write_csv
 from outlier_study.output.tables import Table, write_table
 
 HEADER = ["layer", "top-1 TMA", "top-1 (token, channel)", "top-2 TMA", "top-2 (token, channel)", "windows"]
-
-
-def collect_events(ctx: Context, layers: list[int]) -> list[MAEvent]:
-    th = ctx.threshold
-    with attribute(ctx.lm, layers, th.ma_abs, th.ma_ratio) as att:
-        bs = ctx.cfg.dataset.batch_size
-        forward_windows(ctx.lm, ctx.windows.input_ids, bs, ctx.cfg.progress, "attribution", att)
-    return att.events
 
 
 def _rank_cell(per_window: dict[int, list[MAEvent]], rank: int) -> tuple[str, str]:
@@ -48,26 +46,6 @@ def table1_rows(events: list[MAEvent], n_layers: int, n_windows: int) -> list[li
     return rows
 
 
-LIFECYCLE_HEADER = ["channel", "generated (TMA) at layers", "cancelled at", "faded at", "windows"]
-
-
-def lifecycle_rows(events: list[MAEvent]) -> list[list[Any]]:
-    """Per channel: the layers that generate its MAs and the sublayers where they are cancelled."""
-    by_channel: dict[int, list[MAEvent]] = {}
-    for e in events:
-        by_channel.setdefault(e.channel, []).append(e)
-
-    def where(evs: list[MAEvent], kind: str) -> str:
-        found = Counter((e.layer, "" if kind == "TMA" else f" {e.site}") for e in evs if e.kind == kind)
-        return ", ".join(f"{layer}{site} (×{n})" for (layer, site), n in sorted(found.items())) or "—"
-
-    rows = []
-    for channel, evs in sorted(by_channel.items(), key=lambda kv: -max(abs(e.value) for e in kv[1])):
-        windows = len({e.window for e in evs})
-        rows.append([channel, where(evs, "TMA"), where(evs, "cancelled"), where(evs, "faded"), windows])
-    return rows
-
-
 @experiment(
     "table1",
     name_only("table1", "true vs fake massive activations in the residual stream"),
@@ -77,7 +55,7 @@ def lifecycle_rows(events: list[MAEvent]) -> list[list[Any]]:
     "cancelled",
 )
 def run(ctx: Context) -> dict[str, Any]:
-    events = collect_events(ctx, ctx.layers)
+    events = ma_events(ctx, ctx.layers)
     write_csv(ctx.job_dir / "ma_events.csv", [f.name for f in fields(MAEvent)], [astuple(e) for e in events])
     n_windows = ctx.windows.input_ids.shape[0]
     rows = table1_rows(events, ctx.lm.n_layers, n_windows)
