@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from outlier_study.adapters import FAMILIES
 from outlier_study.config.options import opt
 from outlier_study.config.vocab import GammaValue, MAValue
 from outlier_study.detect.select import norm_output_cos
@@ -69,11 +68,10 @@ def _check_gamma(options: Any, cfg: Any, arch: Arch) -> None:
 def _check_rotation(options: Any, cfg: Any, arch: Arch) -> None:
     blocker = arch.adapter.rotation_blocker
     if blocker is not None:
-        exact = [a.family for a in FAMILIES if a.rotation_blocker is None]
         raise ConfigError(
             "method.name",
             f"rotation does not apply to {arch.adapter.family} models: {blocker}",
-            allowed=exact,
+            allowed=[m for m in METHODS.names() if m != "rotation"],
         )
 
 
