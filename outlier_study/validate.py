@@ -9,13 +9,14 @@ code; a key that belongs to another option is a one-line error naming the key an
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from outlier_study.config.options import check_bounds
+from outlier_study.config.options import check_bounds, item_schema
 from outlier_study.config.schema import QuantConfig, RootConfig
 from outlier_study.errors import ConfigError, require
 
@@ -61,6 +62,19 @@ def _merge(schema: type, data: Any, prefix: str, owner: str | None = None) -> Di
         raise ConfigError(where or prefix, message) from None
 
 
+def _merge_items(schema: type, data: dict[str, Any], prefix: str) -> None:
+    """The entries of list-of-schema fields one by one, so a bad entry is named `field[i].key` (merging
+    the whole list would lose the index)."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        item, value = item_schema(hints[f.name]), data.get(f.name)
+        if item is not None and isinstance(value, list):
+            for i, entry in enumerate(value):
+                where = f"{prefix}.{f.name}[{i}]"
+                require(isinstance(entry, dict), where, f"not a mapping: {entry!r}", _keys_of(item))
+                _merge(item, entry, where, owner=f"{prefix}.{f.name} entries")
+
+
 def typed_config(cfg: DictConfig) -> DictConfig:
     """The composed config checked against the root schema and each option against its own schema (keys,
     types, enums, bounds); returns it typed (enums as members, numbers as numbers)."""
@@ -74,6 +88,7 @@ def typed_config(cfg: DictConfig) -> DictConfig:
         assert isinstance(node, dict)
         registry = option_registries()[group]
         entry = registry.get(node.get("name"))
+        _merge_items(entry.options, node, group)
         options = _merge(entry.options, node, group, owner=f"{group} '{node['name']}'")
         check_bounds(entry.options, options, group)
         OmegaConf.update(root, group, options, force_add=True, merge=False)

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from outlier_study.config import CONF_DIR
-from outlier_study.config.options import bound_text, field_doc
+from outlier_study.config.options import bound_text, field_doc, item_schema
 from outlier_study.config.schema import RootConfig
 from outlier_study.validate import option_registries
 
@@ -67,9 +67,11 @@ def _rows(schema: type, prefix: str) -> list[str]:
             rows += _rows(hints[f.name], key)
             continue
         doc = field_doc(f).replace("|", "\\|")
-        rows.append(
-            f"| `{key}` | {_type(hints[f.name])} | {_default(f)} | {bound_text(f.metadata)} | {doc} |"
-        )
+        item = item_schema(hints[f.name])
+        kind = "list of entries" if item is not None else _type(hints[f.name])
+        rows.append(f"| `{key}` | {kind} | {_default(f)} | {bound_text(f.metadata)} | {doc} |")
+        if item is not None:  # the keys of each entry, as key[i].name
+            rows += _rows(item, f"{key}[i]")
     return rows
 
 

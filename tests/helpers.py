@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -51,3 +52,20 @@ def config_error(*overrides: str) -> str:
     except (HydraException, OmegaConfBaseException) as err:
         return one_line(err)
     raise AssertionError(f"accepted: {overrides}")
+
+
+def snapshot(lm: LoadedModel) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, copied: what a restore must give back."""
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def assert_bit_exact(lm: LoadedModel, before: dict[str, torch.Tensor]) -> None:
+    """The model's state equals `before` bit for bit (the bits, not the values: -0.0 and nan compare too)."""
+    after = lm.model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key].view(torch.uint8), value.view(torch.uint8)), key
+
+
+def hook_count(lm: LoadedModel) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in lm.model.modules())

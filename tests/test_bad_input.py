@@ -27,6 +27,9 @@ from outlier_study import cli
 TINY = "model=tiny-llama"
 SMALL = ("dataset.seq_len=32", "dataset.n_windows=2")
 Case = tuple[str, tuple[str, ...], dict[str, str], str]
+WEIGHTS = ("experiment=perplexity", "intervention=weights")
+ENTRY = "intervention.weights=[{layer:0,matrix:down,row:1}]"
+
 
 CASES: list[Case] = [
     # --- a config group option that does not exist
@@ -170,7 +173,88 @@ CASES: list[Case] = [
         "intervention.sd_level",
     ),
     ("init-timeout", ("logger=wandb", "logger.init_timeout=0"), {}, "logger.init_timeout"),
+    (
+        "weights-empty",
+        (TINY, *WEIGHTS),
+        {},
+        "intervention.weights",
+    ),
+    ("weights-mode", (TINY, *WEIGHTS, "intervention.mode=halve", ENTRY), {}, "intervention.mode"),
+    ("weights-factor-text", (TINY, *WEIGHTS, "intervention.factor=x", ENTRY), {}, "intervention.factor"),
+    ("weights-not-a-mapping", (TINY, *WEIGHTS, "intervention.weights=[3]"), {}, "intervention.weights[0]"),
+    (
+        "weights-entry-key",
+        (TINY, *WEIGHTS, "intervention.weights=[{layer:0,matrix:down,rw:1}]"),
+        {},
+        "intervention.weights[0].rw",
+    ),
+    (
+        "weights-layer-text",
+        (TINY, *WEIGHTS, "intervention.weights=[{layer:one,matrix:down,row:1}]"),
+        {},
+        "intervention.weights[0].layer",
+    ),
+    (
+        "weights-no-layer",
+        (TINY, *WEIGHTS, "intervention.weights=[{matrix:down,row:1}]"),
+        {},
+        "intervention.weights[0].layer",
+    ),
+    (
+        "weights-no-matrix",
+        (TINY, *WEIGHTS, "intervention.weights=[{layer:0,matrix:down,row:1},{layer:0,row:1}]"),
+        {},
+        "intervention.weights[1].matrix",
+    ),
+    (
+        "weights-row-negative",
+        (TINY, *WEIGHTS, "intervention.weights=[{layer:0,matrix:down,row:-1}]"),
+        {},
+        "intervention.weights[0].row",
+    ),
     # --- names and indices against the model's architecture (checked from its config, before the load)
+    (
+        "weights-layer",
+        (TINY, *WEIGHTS, "intervention.weights=[{layer:3,matrix:down,row:1}]"),
+        {},
+        "intervention.weights[0].layer",
+    ),
+    (
+        "weights-matrix",
+        (TINY, *WEIGHTS, "intervention.weights=[{layer:0,matrix:w_down,row:1}]"),
+        {},
+        "intervention.weights[0].matrix",
+    ),
+    (
+        "weights-matrix-gpt2",
+        ("model=tiny-gpt2", *WEIGHTS, "intervention.weights=[{layer:0,matrix:up,row:1}]"),
+        {},
+        "intervention.weights[0].matrix",
+    ),
+    (
+        "weights-row-range",
+        (TINY, *WEIGHTS, "intervention.weights=[{layer:0,matrix:down,row:64}]"),
+        {},
+        "intervention.weights[0].row",
+    ),
+    (
+        "weights-col-range",
+        (TINY, *WEIGHTS, "intervention.weights=[{layer:0,matrix:q,row:1,col:64}]"),
+        {},
+        "intervention.weights[0].col",
+    ),
+    (
+        "weights-neither-row-nor-col",
+        (TINY, *WEIGHTS, "intervention.weights=[{layer:0,matrix:down}]"),
+        {},
+        "intervention.weights[0]",
+    ),
+    (
+        "weights-expert-dense",
+        (TINY, *WEIGHTS, "intervention.weights=[{layer:0,matrix:down,row:1,expert:0}]"),
+        {},
+        "intervention.weights[0].expert",
+    ),
     ("tap-unknown", (TINY, "taps=[mlp.nope]"), {}, "taps"),
     ("tap-not-in-family", ("model=tiny-gpt2", "taps=[mlp.up]"), {}, "taps"),
     ("layer-high", (TINY, "layers=[7]"), {}, "layers"),

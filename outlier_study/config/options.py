@@ -15,7 +15,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import ListConfig
+from omegaconf import ListConfig, OmegaConf
 
 from outlier_study.errors import ConfigError
 
@@ -74,21 +74,37 @@ def _violation(value: Any, meta: Mapping[str, Any]) -> str | None:
 
 def check_bounds(schema: type, node: Any, prefix: str) -> None:
     """Check every bounded field of `schema` (a dataclass) on `node` (a config with its keys), recursing
-    into fields whose type is a dataclass; the first violation is a ConfigError naming `prefix.field`."""
+    into fields whose type is a dataclass or a list of them (`prefix.field[i]`); a required field left
+    unset or the first violation is a ConfigError naming `prefix.field`."""
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
-        value = getattr(node, f.name)
         where = f"{prefix}.{f.name}" if prefix else f.name
+        if OmegaConf.is_config(node) and OmegaConf.is_missing(node, f.name):
+            raise ConfigError(where, "required, not given")
+        value = getattr(node, f.name)
         if value is None:
             continue
         if dataclasses.is_dataclass(hints[f.name]):
             check_bounds(hints[f.name], value, where)
             continue
+        item = item_schema(hints[f.name])
+        if item is not None:
+            for i, entry in enumerate(value):
+                check_bounds(item, entry, f"{where}[{i}]")
         if isinstance(value, ListConfig):
             value = list(value)
         problem = _violation(value, f.metadata)
         if problem:
             raise ConfigError(where, problem)
+
+
+def item_schema(hint: Any) -> type | None:
+    """The schema of a list's items, for a field typed as a list of schema entries (else None)."""
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if dataclasses.is_dataclass(item):
+            return item  # type: ignore[return-value]
+    return None
 
 
 def field_doc(f: dataclasses.Field[Any]) -> str:

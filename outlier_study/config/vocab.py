@@ -115,3 +115,10 @@ class WeightGroup(StrEnum):
     qkv = "qkv"
     norm = "norm"
     mlp = "mlp"
+
+
+class WeightMode(StrEnum):
+    """What an edited weight becomes: zero, or itself times a factor."""
+
+    zero = "zero"
+    scale = "scale"

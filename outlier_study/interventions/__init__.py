@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 
-from outlier_study.interventions import channels, massive, residual
+from outlier_study.interventions import channels, massive, residual, weights
 from outlier_study.interventions.record import Change
 from outlier_study.interventions.treatment import NONE, Inputs, Treatment
 from outlier_study.registry import Registry
@@ -16,6 +16,7 @@ INTERVENTIONS.add("massive", massive.TREATMENT)
 INTERVENTIONS.add("residual", residual.TREATMENT)
 INTERVENTIONS.add("gamma", channels.GAMMA)
 INTERVENTIONS.add("weight_channels", channels.WEIGHT_CHANNELS)
+INTERVENTIONS.add("weights", weights.TREATMENT)
 
 
 def intervene(inputs: Inputs) -> AbstractContextManager[Change]:
