@@ -12,6 +12,7 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from outlier_study.app import run
+from outlier_study.errors import ConfigError
 from outlier_study.interventions.weights import Target, edit_weights
 from outlier_study.measure.perplexity import evaluate_perplexity
 from outlier_study.models.loader import LoadedModel
@@ -103,3 +104,23 @@ def test_published_coordinates_sweep_as_lists() -> None:
         [{"layer": 2, "matrix": "down", "row": 3968, "col": 7003}],
         [{"layer": 1, "matrix": "down", "row": 1}],
     ]
+
+
+def test_an_experts_matrix_is_edited_through_the_adapters_expert_view(model_cache: Path) -> None:
+    """MoE models: `expert` names the expert whose matrix is edited; without it an MLP matrix is refused."""
+    from outlier_study.adapters.base import Adapter
+
+    if not hasattr(Adapter, "weight_view_expert"):
+        pytest.skip("the adapters have no per-expert weight views")
+    lm = load_named("tiny-mixtral", model_cache)
+    block = lm.adapter.blocks(lm.model)[0]
+    before = snapshot(lm)
+    with edit_weights(lm, [Target(0, "down", row=1, expert=2)], "zero") as log:
+        assert bool((lm.adapter.weight_view_expert(block, "down", 2)[1] == 0).all())
+        assert bool((lm.adapter.weight_view_expert(block, "down", 1)[1] != 0).any())
+    assert log.summary("intervention")["intervention.changed.down.expert2"] == log.total > 0
+    assert_bit_exact(lm, before)
+    with pytest.raises(ConfigError) as err:
+        with edit_weights(lm, [Target(0, "down", row=1)], "zero"):
+            pass
+    assert err.value.field == "intervention.weights[0].expert"

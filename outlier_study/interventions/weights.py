@@ -89,17 +89,25 @@ def _missing(entry: Any, key: str) -> bool:
     return OmegaConf.is_missing(entry, key) if OmegaConf.is_config(entry) else getattr(entry, key) is MISSING
 
 
+MLP_MATRICES = ("gate", "up", "down")  # the matrices a mixture-of-experts layer holds once per expert
+
+
 def matrix_view(adapter: Adapter, block: nn.Module, target: Target, field: str) -> torch.Tensor:
     """The (out, in) view of the target's matrix, sharing storage with the parameter."""
     if target.expert is None:
+        moe = target.layer in adapter.moe and target.matrix in MLP_MATRICES
+        require(
+            not moe, f"{field}.expert", f"layer {target.layer}'s MLP is a mixture of experts: name the expert"
+        )
         return adapter.weight_view(block, target.matrix)
     by_expert = getattr(adapter, "weight_view_expert", None)
     if by_expert is None:
         raise ConfigError(f"{field}.expert", "the model has no experts")
     try:
         return by_expert(block, target.matrix, target.expert)
-    except (IndexError, KeyError):
-        raise ConfigError(f"{field}.expert", f"no expert {target.expert} in layer {target.layer}") from None
+    except (IndexError, KeyError, ValueError) as err:  # no experts in this layer, or no such expert
+        why = err.args[0] if err.args else f"no expert {target.expert}"
+        raise ConfigError(f"{field}.expert", f"layer {target.layer}: {why}") from None
 
 
 def _check_range(target: Target, shape: torch.Size, field: str) -> None:
