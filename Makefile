@@ -85,6 +85,16 @@ QUANT_GRID ?= quant=none,w8a8,w4a8,w4a4 method=none,massive_y6,gamma_smooth,smoo
 quant: install ## fake-quantized perplexity per outlier method × bit setting, with SmoothQuant and rotation
 	$(call paper_item,quant,$(QUANT_GRID))
 
+# Beyond the paper: super weights of down_proj, then what keeping them in full precision buys W4 weight-only
+# and W4A8 quantization with per-channel and grouped weight scales (not part of `make paper`).
+SUPERWEIGHT_GRID ?= quant=w4a16,w4a8 quant.w_group_size=null,128,32 method=none,superweight_keep
+SUPERWEIGHT_ACTS ?= quant=w4a8 quant.w_group_size=null,128,32 method=superweight_keep method.keep_activations=true
+.PHONY: superweight
+superweight: install ## super weights: y6/y7 spikes, candidates W[i,j], ablations vs random; W4 quant with superweight_keep
+	$(call paper_item,superweight)
+	$(MAKE) --no-print-directory quant QUANT_GRID="$(SUPERWEIGHT_GRID)" SWEEP=$(SWEEP)_superweight
+	$(MAKE) --no-print-directory quant QUANT_GRID="$(SUPERWEIGHT_ACTS)" SWEEP=$(SWEEP)_superweight
+
 paper: install ## every table and figure above into PAPER_OUT (outputs/paper), plus one HTML report
 	$(MAKE) --no-print-directory $(PAPER_ITEMS) OUT=$(PAPER_OUT)
 	$(VENV)/bin/outlier-study-collect $(PAPER_OUT)

@@ -174,6 +174,37 @@ CASES: list[Case] = [
     ),
     ("init-timeout", ("logger=wandb", "logger.init_timeout=0"), {}, "logger.init_timeout"),
     (
+        "superweight-seeds",
+        ("experiment=superweight", "experiment.random_seeds=0"),
+        {},
+        "experiment.random_seeds",
+    ),
+    (
+        "superweight-max-candidates",
+        ("experiment=superweight", "experiment.max_candidates=0"),
+        {},
+        "experiment.max_candidates",
+    ),
+    (
+        "superweight-ablation",
+        ("experiment=superweight", "experiment.ablations=[weight_half]"),
+        {},
+        "experiment.ablations",
+    ),
+    ("superweight-scale-text", ("experiment=superweight", "experiment.scale=big"), {}, "experiment.scale"),
+    (
+        "superweight-keep-calib",
+        (TINY, "experiment=quant", "method=superweight_keep", "method.calib_windows=0"),
+        {},
+        "method.calib_windows",
+    ),
+    (
+        "superweight-keep-acts",
+        (TINY, "experiment=quant", "method=superweight_keep", "method.keep_activations=maybe"),
+        {},
+        "method.keep_activations",
+    ),
+    (
         "weights-empty",
         (TINY, *WEIGHTS),
         {},
@@ -248,6 +279,12 @@ CASES: list[Case] = [
         (TINY, *WEIGHTS, "intervention.weights=[{layer:0,matrix:down}]"),
         {},
         "intervention.weights[0]",
+    ),
+    (
+        "weights-moe-without-expert",
+        ("model=tiny-deepseek-v3", *WEIGHTS, "intervention.weights=[{layer:1,matrix:down,row:1}]"),
+        {},
+        "intervention.weights[0].expert",
     ),
     (
         "weights-expert-dense",

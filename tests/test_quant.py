@@ -261,6 +261,8 @@ def test_quant_labels() -> None:
     assert QuantSpec().label == "W16A16" and not QuantSpec().active
     assert QuantSpec(w_bits=4, a_bits=8).label == "W4A8"
     assert QuantSpec(w_bits=4, a_bits=4, kv_bits=4).label == "W4A4KV4"
+    assert QuantSpec(w_bits=4, w_group_size=128).label == "W4A16g128"
+    assert QuantSpec(w_group_size=128).label == "W16A16"  # nothing is quantized, so no group either
 
 
 # ------------------------------------------------------------------------------------------ orthogonal

@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from outlier_study.app import run
+from outlier_study.data import build_windows, load_corpus
+from outlier_study.detect.superweight import detect_super_weights
+from outlier_study.interventions.weights import Target, edit_weights
 from outlier_study.measure.hooks import tap_hooks
+from outlier_study.measure.perplexity import evaluate_perplexity
 from outlier_study.measure.profiler import profile_windows
 from outlier_study.models.loader import LoadedModel
 from outlier_study.output.files import read_csv
@@ -104,3 +108,17 @@ def test_gemma3_float16_reports_overflow_instead_of_crashing(
     for r in read_csv(job / "layer_stats.csv"):
         if r["statistic"] in ("max_abs", "top1_abs") and r["value"] not in ("nan",):
             assert float(r["value"]) <= torch.finfo(torch.float16).max  # only finite values enter statistics
+
+
+def test_smollm2_super_weight_is_found_and_zeroing_it_breaks_the_model(smollm2: LoadedModel) -> None:
+    """SmolLM2's super weight: layer 11's W_down[507, 1229] turns the y6 spike in channel 1229 of the first
+    token into the MA of residual channel 507; zeroing that one weight of 884,736 wrecks perplexity."""
+    cfg = make_cfg("dataset.seq_len=128", "dataset.n_windows=2")
+    windows = build_windows(cfg.dataset, smollm2.tokenizer, load_corpus(cfg.dataset))
+    found, _ = detect_super_weights(smollm2, windows.input_ids, list(range(smollm2.n_layers)), cfg.threshold)
+    assert (11, 507, 1229) in [(sw.layer, sw.row, sw.col) for sw in found]
+    original = evaluate_perplexity(smollm2, windows.input_ids, progress=False).ppl
+    with edit_weights(smollm2, [Target(11, "down", 507, 1229)], "zero"):
+        broken = evaluate_perplexity(smollm2, windows.input_ids, progress=False).ppl
+    assert broken > 3 * original
+    assert evaluate_perplexity(smollm2, windows.input_ids, progress=False).ppl == original  # restored

@@ -122,3 +122,12 @@ class WeightMode(StrEnum):
 
     zero = "zero"
     scale = "scale"
+
+
+class Ablation(StrEnum):
+    """Super-weight ablations: the weight zeroed or scaled, its whole output row or input column zeroed."""
+
+    weight_zero = "weight_zero"
+    weight_scale = "weight_scale"
+    row_zero = "row_zero"
+    col_zero = "col_zero"

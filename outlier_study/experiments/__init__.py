@@ -10,6 +10,7 @@ from outlier_study.experiments import (  # noqa: F401  (importing a module regis
     profile,
     quant,
     residual,
+    superweight,
     table1,
     table2,
     table3,

@@ -180,3 +180,54 @@ def quant_error_figure(
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
+
+
+def super_weight_figure(
+    layers: Sequence[int],
+    y6_max: Sequence[float],
+    y7_max: Sequence[float],
+    candidates: Mapping[int, str],
+    title: str,
+) -> Figure:
+    """Per layer the largest |a| at the down projection's input (y6) and output (y7), log y axis; the layers
+    holding a candidate super weight are marked on both curves and labelled with its W[i, j]."""
+    fig = Figure(figsize=(8, 4.2), dpi=100)
+    ax = fig.add_subplot()
+    for values, label, marker in (
+        (y6_max, "max |y6| (down_proj input)", "o"),
+        (y7_max, "max |y7| (output)", "s"),
+    ):
+        ax.plot(layers, np.asarray(values, dtype=float), marker=marker, ms=3, lw=1, label=label)
+    at = {layer: i for i, layer in enumerate(layers)}
+    marked = [layer for layer in candidates if layer in at]
+    if marked:
+        for values in (y6_max, y7_max):
+            ax.plot(
+                marked,
+                [values[at[layer]] for layer in marked],
+                ls="none",
+                marker="*",
+                ms=12,
+                color="tab:red",
+                zorder=3,
+                label="candidate super weight" if values is y6_max else None,
+            )
+        for layer in marked:
+            ax.annotate(
+                candidates[layer],
+                (layer, y7_max[at[layer]]),
+                textcoords="offset points",
+                xytext=(4, 6),
+                fontsize=7,
+                color="tab:red",
+            )
+    if any(v > 0 for v in (*y6_max, *y7_max)):
+        ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("largest |a| over the windows")
+    ax.set_title(f"{title} ({LAYER_NOTE})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -81,9 +81,11 @@ class QuantSpec:
 
     @property
     def label(self) -> str:
-        """The usual column name, e.g. W8A8, W4A16, W16A16, W4A4KV4."""
+        """The usual column name, e.g. W8A8, W4A16, W16A16, W4A4KV4; grouped weight scales add the group
+        size (W4A16g128)."""
         kv = f"KV{self.kv_bits}" if self.kv_bits < OFF_BITS else ""
-        return f"W{self.w_bits}A{self.a_bits}{kv}"
+        group = f"g{self.w_group_size}" if self.w_group_size is not None and self.w_bits < OFF_BITS else ""
+        return f"W{self.w_bits}A{self.a_bits}{group}{kv}"
 
     @property
     def active(self) -> bool:

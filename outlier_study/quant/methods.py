@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from outlier_study.config.options import opt
 from outlier_study.config.vocab import GammaValue, MAValue
 from outlier_study.detect.select import norm_output_cos
+from outlier_study.detect.superweight import check_dense_down, detect_super_weights
 from outlier_study.errors import ConfigError
 from outlier_study.interventions.massive import replace_massive
 from outlier_study.interventions.parameters import edit_gamma
@@ -22,6 +23,7 @@ from outlier_study.interventions.record import Change, Transformed
 from outlier_study.interventions.treatment import NONE, Inputs, Treatment
 from outlier_study.quant.rotation import rotate
 from outlier_study.quant.smoothquant import calibrate, smooth
+from outlier_study.quant.superweight_keep import keep_super_weights
 from outlier_study.registry import Registry
 
 if TYPE_CHECKING:
@@ -59,6 +61,16 @@ class SmoothQuantOptions:
 class RotationOptions:
     name: str = opt("rotation", "QuaRot-style rotation of the residual stream and before down_proj")
     seed: int = opt(0, "seed of the random signs and of the small orthogonal factor")
+
+
+@dataclass
+class SuperweightKeepOptions:
+    name: str = opt("superweight_keep", "super weights (found on calibration windows) kept in full precision")
+    keep_activations: bool = opt(
+        False,
+        "also keep the MAs each super weight reads (y6, its input channel j) out of activation quantization",
+    )
+    calib_windows: int = opt(8, CALIB_DOC, ge=1)
 
 
 def _check_gamma(options: Any, cfg: Any, arch: Arch) -> None:
@@ -110,6 +122,18 @@ def _rotation(inputs: Inputs) -> Iterator[Change]:
         yield Transformed(record)
 
 
+@contextmanager
+def _superweight_keep(inputs: Inputs) -> Iterator[Change]:
+    """Super weights detected on the calibration windows, kept out of (and added back after) quantization."""
+    assert inputs.windows is not None, "superweight_keep is calibrated"
+    lm, th = inputs.lm, inputs.threshold
+    layers = list(range(lm.n_layers))
+    found, _ = detect_super_weights(lm, inputs.windows, layers, th, inputs.batch_size, inputs.progress)
+    ma_rule = (float(th.ma_abs), float(th.ma_ratio))
+    with keep_super_weights(lm, found, bool(inputs.options.keep_activations), ma_rule) as record:
+        yield record
+
+
 METHODS: Registry[Treatment] = Registry("method", "method.name")
 METHODS.add("none", NONE)
 METHODS.add(
@@ -146,5 +170,16 @@ METHODS.add(
         RotationOptions,
         "QuaRot-style randomized Hadamard rotation of the residual stream + online rotation before down_proj",
         _check_rotation,
+    ),
+)
+METHODS.add(
+    "superweight_keep",
+    Treatment(
+        _superweight_keep,
+        SuperweightKeepOptions,
+        "super weights of down_proj (found on calibration windows) kept in full precision while the rest is "
+        "quantized; optionally the MAs they read too",
+        lambda options, cfg, arch: check_dense_down(arch, "method.name"),
+        calibrated=True,
     ),
 )

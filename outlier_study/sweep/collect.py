@@ -41,8 +41,8 @@ PIVOTS: tuple[Pivot, ...] = (
         rows="method",
         columns="quant",
         value="ppl",
-        column_labels={"none": "W16A16", "w8a8": "W8A8", "w4a8": "W4A8", "w4a4": "W4A4"},
-        row_order=("none", "massive_y6", "gamma_smooth", "smoothquant", "rotation"),
+        column_labels={"none": "W16A16", "w8a8": "W8A8", "w4a16": "W4A16", "w4a8": "W4A8", "w4a4": "W4A4"},
+        row_order=("none", "massive_y6", "gamma_smooth", "smoothquant", "rotation", "superweight_keep"),
         caption="token-level perplexity: method (rows) × weight/activation bits (columns)",
     ),
     Pivot(
