@@ -10,6 +10,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from outlier_study.adapters.experts import MATRICES as EXPERT_MATRICES
+from outlier_study.adapters.experts import expert_weight_view, find_moe
 from outlier_study.adapters.linears import LinearLike, is_linear, weight_out_in
 from outlier_study.adapters.taps import ATTENTION_TAPS, CANONICAL_TAPS, PAPER_ALIASES, SYNONYMS
 from outlier_study.errors import ConfigError, require
@@ -160,14 +162,30 @@ class Adapter:
         allowed = [*self.norms, "both"]
         if name not in allowed:
             raise ConfigError(field_name, f"no norm '{name}' in {self.family} models", allowed=allowed)
-        return [n for n in ("attn", "mlp") if n in self.norms] if name == "both" else [name]
+        if name != "both":
+            return [name]
+        both = [n for n in ("attn", "mlp") if n in self.norms]
+        require(
+            bool(both), field_name, f"{self.family} models have no norm before attention or MLP", self.norms
+        )
+        return both
+
+    def norm_taps(self) -> dict[str, tuple[str, str, str]]:
+        """Input, standardized input and output tap of each pre-norm ("attn", "mlp"), in forward order
+        (x1 -> x2, y1 -> y2); a parallel block's MLP norm reads the layer input, resid.pre."""
+        inputs = {"attn": "resid.pre", "mlp": "resid.pre" if self.parallel else "resid.mid"}
+        return {
+            side: (inputs[side], f"{side}.norm_std", f"{side}.norm")
+            for side in ("attn", "mlp")
+            if side in self.norms and f"{side}.norm_std" in self.taps
+        }
 
     def gamma(self, block: nn.Module, norm: str) -> torch.Tensor:
         """The weight of a layer's norm; the norm scales by weight + gamma_offset."""
         return self.module(block, self.norms[norm].module).weight  # type: ignore[return-value]
 
     def weight_name(self, name: str, field_name: str) -> str:
-        if name not in self.weights:
+        if name not in self.weights and not (self.moe and name in EXPERT_MATRICES):
             raise ConfigError(field_name, f"unknown matrix '{name}' for {self.family}", allowed=self.weights)
         return name
 
@@ -176,6 +194,14 @@ class Adapter:
         spec = self.weights[name]
         view = weight_out_in(self.module(block, spec.module))  # type: ignore[arg-type]
         return view[spec.start : spec.stop]
+
+    def weight_view_expert(self, block: nn.Module, name: str, expert: int | str) -> torch.Tensor:
+        """(out, in) view of matrix `name` (gate | up | down) of one expert of a MoE layer ("shared": the
+        shared experts), sharing storage with the fused 3-D parameter. KeyError: the layer has no experts."""
+        spec = find_moe(block)
+        if spec is None:
+            raise KeyError(f"no experts in this layer of {self.family}")
+        return expert_weight_view(block, spec, name, expert)
 
     def modules_of(self, names: Sequence[str]) -> tuple[str, ...]:
         """Module paths of weights, each once, in the order given (GPT-2's q, k, v share c_attn)."""
@@ -222,6 +248,16 @@ class Arch:
             return list(range(self.n_layers))
         require(len(values) > 0, field_name, "empty layer list", [f"0..{self.n_layers - 1}", "null"])
         return sorted({self.layer(v, field_name) for v in values})
+
+    def layer_type(self, layer: int) -> str:
+        """The layer's kind as its config names it (full, sliding or chunked attention), "+moe" for a
+        mixture-of-experts layer: hybrid stacks keep per-layer statistics, each row says which kind."""
+        kinds = getattr(self.config, "layer_types", None)
+        if kinds and layer < len(kinds):
+            kind = str(kinds[layer])
+        else:  # no per-layer types: a window of the config applies to every layer
+            kind = "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
+        return kind + "+moe" if layer in self.adapter.moe else kind
 
     def layer(self, value: int, field_name: str) -> int:
         idx = int(value)

@@ -66,6 +66,7 @@ PAPER_ALIASES: dict[str, str] = {
 # for the shared experts); the plain tap of a MoE layer pools every routed (token, expert) pair.
 EXPERT_TAPS: tuple[str, ...] = ("mlp.gate", "mlp.up", "mlp.act", "mlp.hidden", "mlp.out")
 SHARED_EXPERT = "shared"
+ROUTING = "moe.routing"  # per (token, expert) routing weight, valid where routed: the load per expert
 
 
 def expert_key(tap: str, expert: int | str) -> str:

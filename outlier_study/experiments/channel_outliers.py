@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from outlier_study.adapters.base import Arch
 from outlier_study.config.options import name_only, opt
 from outlier_study.context import Context
 from outlier_study.detect.rules import Selection, cos_by_key
@@ -18,11 +19,11 @@ from outlier_study.output.figures import channel_means_figure, co_counts_figure
 from outlier_study.output.files import write_figure
 from outlier_study.output.tables import Table, write_table
 
-# Input, standardized input and output of each pre-norm, in forward order: x1 -> x2 and y1 -> y2.
-NORM_TAPS: dict[str, tuple[str, str, str]] = {
-    "attn": ("resid.pre", "attn.norm_std", "attn.norm"),
-    "mlp": ("resid.mid", "mlp.norm_std", "mlp.norm"),
-}
+
+def _check_norm_layer(options: Any, cfg: Any, arch: Arch) -> None:
+    """The layer exists and the family has a norm before attention or the MLP (the figures show them)."""
+    check_experiment_layer(options, cfg, arch)
+    arch.adapter.norm_names("both", "experiment.name")
 
 
 def channel_list(idx: np.ndarray, limit: int | None = None) -> str:
@@ -76,13 +77,13 @@ class Fig7Options:
     paper="Fig. 7",
     description="channel means of each norm's input and output (x1 vs x2, y1 vs y2) at one layer, with the "
     "channel-wise outliers in red for every m in m_values",
-    check=check_experiment_layer,
+    check=_check_norm_layer,
 )
 def run_fig7(ctx: Context) -> dict[str, Any]:
     beta = float(ctx.threshold.beta)
     layer = ctx.experiment_layer()
     m_values = [float(v) for v in ctx.cfg.experiment.m_values]
-    pairs = {norm: (taps[0], taps[2]) for norm, taps in NORM_TAPS.items()}
+    pairs = {norm: (taps[0], taps[2]) for norm, taps in ctx.lm.adapter.norm_taps().items()}
     summaries = channel_profile(ctx, [t for pair in pairs.values() for t in pair], [layer])
     metrics: dict[str, Any] = {**co_rule(ctx), "layer": layer}
     rows = []
@@ -114,18 +115,19 @@ class Fig8Options:
     paper="Fig. 8",
     description="one layer's norms in four stages: input (x1 / y1), input with its MAs left out, the "
     "standardized input before γ, the output after γ; COs in red",
-    check=check_experiment_layer,
+    check=_check_norm_layer,
 )
 def run_fig8(ctx: Context) -> dict[str, Any]:
     th = ctx.threshold
     m, beta = float(th.m), float(th.beta)
     layer = ctx.experiment_layer()
-    taps = [t for triple in NORM_TAPS.values() for t in triple]
-    inputs = tuple(triple[0] for triple in NORM_TAPS.values())
+    norm_taps = ctx.lm.adapter.norm_taps()
+    taps = list(dict.fromkeys(t for triple in norm_taps.values() for t in triple))
+    inputs = tuple(dict.fromkeys(triple[0] for triple in norm_taps.values()))
     summaries = channel_profile(ctx, taps, [layer], without_ma=inputs)
     cos = cos_by_key(summaries, m, beta)
     panels, rows, counts = [], [], {}
-    for src, std, out in NORM_TAPS.values():
+    for src, std, out in norm_taps.values():
         for key, label in (
             (src, src),
             (src + NO_MA, f"{src} without MAs"),

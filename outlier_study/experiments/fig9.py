@@ -21,8 +21,6 @@ from outlier_study.output.figures import co_counts_figure
 from outlier_study.output.files import write_figure, write_json
 from outlier_study.output.tables import Table, write_table
 
-NORM_INPUT_TAP = {"attn": "resid.pre", "mlp": "resid.mid"}
-
 
 @dataclass
 class Fig9Options:
@@ -34,8 +32,9 @@ class Fig9Options:
 
 
 def _check(options: Any, cfg: Any, arch: Arch) -> None:
-    allowed = [*NORM_INPUT_TAP, "both"]
+    allowed = ["attn", "mlp", "both"]
     require(str(options.norm) in allowed, "experiment.norm", f"unknown norm '{options.norm}'", allowed)
+    arch.adapter.norm_names(str(options.norm), "experiment.norm")
 
 
 @experiment(
@@ -52,7 +51,8 @@ def run(ctx: Context) -> dict[str, Any]:
     cfg, th = ctx.cfg, ctx.threshold
     m, beta = float(th.m), float(th.beta)
     norms = ctx.lm.adapter.norm_names(str(cfg.experiment.norm), "experiment.norm")
-    taps = [t for n in norms for t in (NORM_INPUT_TAP[n], ctx.lm.adapter.norms[n].output_tap)]
+    inputs = {side: triple[0] for side, triple in ctx.lm.adapter.norm_taps().items()}
+    taps = list(dict.fromkeys(t for n in norms for t in (inputs[n], ctx.lm.adapter.norms[n].output_tap)))
     layers = ctx.layers
     selection = norm_output_cos(ctx.lm, ctx.windows.input_ids, norms, layers, th, bool(cfg.progress))
     series: dict[str, dict[str, list[int]]] = {}

@@ -35,7 +35,11 @@ def write_profile_tables(ctx: Context, prof: Profile) -> list[tuple[object, ...]
     summary. MoE models add expert_stats.csv and the expert-MA and router-load tables."""
     th = ctx.threshold
     stats, per_expert, routing = moe_report.split_stats(prof.stats)
-    write_csv(ctx.job_dir / "layer_stats.csv", report.LAYER_STATS_HEADER, report.layer_stat_rows(stats))
+    write_csv(
+        ctx.job_dir / "layer_stats.csv",
+        report.LAYER_STATS_HEADER,
+        report.layer_stat_rows(stats, ctx.lm.arch.layer_type),
+    )
     rows = report.topk_rows(
         stats,
         ctx.windows.input_ids.numpy(),

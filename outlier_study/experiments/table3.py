@@ -10,7 +10,7 @@ from typing import Any
 from outlier_study.adapters.base import Arch
 from outlier_study.config.options import opt
 from outlier_study.context import Context
-from outlier_study.detect.rules import OTC_OUTPUT_TAP
+from outlier_study.detect.rules import OTC_INPUT_TAP, OTC_OUTPUT_TAP
 from outlier_study.detect.select import detect_otc, weight_sizes
 from outlier_study.errors import ConfigError
 from outlier_study.experiments.ablation import Evaluations, ablate, mean_std, ppl_text, seeds
@@ -29,6 +29,7 @@ class Table3Options:
 
 
 def _check(options: Any, cfg: Any, arch: Arch) -> None:
+    arch.adapter.canonical(OTC_INPUT_TAP, "experiment.name")  # the OTC rule compares against x2
     for m in options.matrices:
         arch.adapter.weight_name(str(m), "experiment.matrices")
         if str(m) not in OTC_OUTPUT_TAP:

@@ -8,6 +8,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from outlier_study.adapters.base import Arch
 from outlier_study.config.options import opt
 from outlier_study.config.vocab import Axis, Statistic, WeightGroup
 from outlier_study.context import Context
@@ -23,7 +24,6 @@ from outlier_study.output.tables import Table, write_table
 TARGETS: dict[str, tuple[str, ...]] = {
     "qkv": ("q", "k", "v"),
     "mlp": ("gate", "up", "down"),
-    "norm": ("attn", "mlp"),
 }
 
 
@@ -43,12 +43,20 @@ class Table6Options:
 def _selection(ctx: Context, target: str, k: float) -> tuple[Selection, dict[Any, int], Edit]:
     exp, lm, layers = ctx.cfg.experiment, ctx.lm, ctx.layers
     if target == "norm":
-        sel = sd_gamma_channels(lm, list(TARGETS["norm"]), layers, k, str(exp.statistic))
+        norms = lm.adapter.norm_names("both", "experiment.targets")
+        sel = sd_gamma_channels(lm, norms, layers, k, str(exp.statistic))
         return sel, gamma_sizes(lm, list(sel)), lambda s: edit_gamma(lm, s, "mean")
     axis = str(exp.axis)
     names = [n for n in TARGETS[target] if n in lm.adapter.weights]
+    if target == "mlp":  # the dense MLPs: a MoE layer's experts are not channel-edited here
+        layers = [layer for layer in layers if layer not in lm.adapter.moe]
     sel = sd_weight_channels(lm, names, layers, k, str(exp.statistic), axis)
     return sel, weight_sizes(lm, list(sel), axis), lambda s: edit_weight_channels(lm, s, axis, "channel_mean")
+
+
+def _check(options: Any, cfg: Any, arch: Arch) -> None:
+    if "norm" in [str(t) for t in options.targets]:
+        arch.adapter.norm_names("both", "experiment.targets")
 
 
 @experiment(
@@ -57,6 +65,7 @@ def _selection(ctx: Context, target: str, k: float) -> tuple[Selection, dict[Any
     paper="Table 6",
     description="channels more than k SD (threshold.sd) from the mean over channels, of the QKV weights, the "
     "norms' γ and the MLP weights, set to the channel mean, vs as many random channels",
+    check=_check,
 )
 def run(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg

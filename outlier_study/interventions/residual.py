@@ -53,12 +53,18 @@ def remove_residual_mas(
     value = str(value)
     chosen = lm.arch.layers(layers, "intervention.layers")
     adapter = lm.adapter
-    branch_specs = {}
-    for name, tap in zip(("attn", "mlp"), adapter.residual_branches(), strict=True):
-        spec = adapter.taps[tap]
-        if spec.io != "output" or spec.derive is not None:
-            raise RuntimeError(f"{adapter.family}: branch tap {tap} is not a module output")
-        branch_specs[name] = spec
+    names = ("attn", "mlp")
+
+    def branch_specs(layer: int) -> dict[str, Any]:
+        """Where the two branch taps of `layer` are (a MoE layer's MLP branch is its sparse block)."""
+        specs = {
+            n: adapter.tap_spec(layer, t) for n, t in zip(names, adapter.residual_branches(), strict=True)
+        }
+        for spec in specs.values():
+            if spec.io != "output" or spec.derive is not None:
+                raise RuntimeError(f"{adapter.family}: branch tap at {spec.module} is not a module output")
+        return specs
+
     log = Counted(name="residual", value=value, layers=chosen, changed=dict.fromkeys(chosen, 0))
     pending: dict[int, _Pending] = {}
 
@@ -85,7 +91,7 @@ def remove_residual_mas(
             state = pending.pop(layer, None)
             if state is None:
                 return None
-            if set(state.branches) != set(branch_specs):
+            if set(state.branches) != set(names):
                 raise RuntimeError(f"layer {layer}: sublayer outputs not seen ({sorted(state.branches)})")
             a, m = state.branches["attn"], state.branches["mlp"]
             mask = state.mask
@@ -110,7 +116,7 @@ def remove_residual_mas(
                 # appended: they capture what really enters the residual add, after any other editing hook
                 *(
                     hook_module(adapter.module(block, spec.module), "output", branch(layer, name))
-                    for name, spec in branch_specs.items()
+                    for name, spec in branch_specs(layer).items()
                 ),
                 # prepended: measurement hooks on the layer output (resid.post) see the edited output
                 hook_module(block, "output", after(layer), prepend=True),

@@ -47,12 +47,11 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 from outlier_study.adapters.experts import MoESpec, SharedSpec
-from outlier_study.adapters.taps import EXPERT_TAPS, SHARED_EXPERT, expert_key
+from outlier_study.adapters.taps import EXPERT_TAPS, ROUTING, SHARED_EXPERT, expert_key
 from outlier_study.stats.massive import masked
 
 ROUTER_TAPS: tuple[str, ...] = ("moe.router_logits", "moe.router_probs")
 MOE_TAPS: frozenset[str] = frozenset(EXPERT_TAPS) | frozenset(ROUTER_TAPS)
-ROUTING = "moe.routing"  # per (token, expert) routing weight, valid where routed: the load per expert
 EDITABLE = ("mlp.hidden", "mlp.out")  # y6, y7: the expert taps the massive intervention replaces
 
 # (layer index, key, tensor, valid mask or None): the hook sink of measure/hooks.py

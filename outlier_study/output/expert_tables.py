@@ -12,12 +12,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from outlier_study.adapters.taps import CANONICAL_TAPS, SHARED_EXPERT, split_expert
+from outlier_study.adapters.taps import CANONICAL_TAPS, ROUTING, SHARED_EXPERT, split_expert
 from outlier_study.output.stat_tables import is_massive_entry, layer_stat_rows
 from outlier_study.output.tables import Table
 from outlier_study.stats.reducers import StatsByTap
 
-ROUTING = "moe.routing"  # measure/experts.ROUTING: routing weights, valid where a token was routed
 EXPERT_STATS_HEADER = ("layer", "tap", "expert", "statistic", "value")
 EXPERT_MA_HEADER = (
     "layer",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -11,7 +12,7 @@ from outlier_study.adapters.taps import ATTENTION_TAPS
 from outlier_study.stats.massive import is_massive
 from outlier_study.stats.reducers import StatsByTap, TapStats, TopEntry
 
-LAYER_STATS_HEADER = ("layer", "tap", "statistic", "value")
+LAYER_STATS_HEADER = ("layer", "tap", "statistic", "value", "layer_type")
 TOPK_HEADER = (
     "layer",
     "tap",
@@ -34,9 +35,11 @@ def is_massive_entry(entry: TopEntry, stats: TapStats, ma_abs: float, ma_ratio: 
     return bool(is_massive(entry.abs, median, ma_abs, ma_ratio))
 
 
-def layer_stat_rows(stats: StatsByTap) -> list[tuple[int, str, str, float]]:
-    """One row per layer × tap × statistic."""
-    rows: list[tuple[int, str, str, float]] = []
+def layer_stat_rows(
+    stats: StatsByTap, layer_type: Callable[[int], str] | None = None
+) -> list[tuple[Any, ...]]:
+    """One row per layer × tap × statistic; with `layer_type`, the layer's type in a last column."""
+    rows: list[tuple[Any, ...]] = []
     for (layer, tap), s in stats.items():
         values: dict[str, float] = {
             "max_abs": s.max_abs,
@@ -52,7 +55,8 @@ def layer_stat_rows(stats: StatsByTap) -> list[tuple[int, str, str, float]]:
         for rank, entry in enumerate(s.top, start=1):
             values[f"top{rank}_abs"] = entry.abs
             values[f"top{rank}_value"] = entry.value
-        rows += [(layer, tap, name, float(v)) for name, v in values.items()]
+        kind = (layer_type(layer),) if layer_type else ()
+        rows += [(layer, tap, name, float(v), *kind) for name, v in values.items()]
     return rows
 
 
