@@ -6,6 +6,7 @@ here only for a real deviation from the common layout, and each deviation is one
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ PARALLEL: dict[str, Predicate] = {
     "codegen": _always,
     "cohere": _always,
     "cohere2": _always,
+    "cohere2_moe": _always,
     "falcon": _falcon_parallel,
 }
 
@@ -48,6 +50,7 @@ PARALLEL_SUM: dict[str, str] = {
     "falcon": "x+(a+m)",
     "cohere": "(x+a)+m",
     "cohere2": "(x+a)+m",
+    "cohere2_moe": "(x+a)+m",
     "stablelm": "(x+a)+m",
 }
 
@@ -58,10 +61,18 @@ GAMMA_OFFSET: dict[str, float] = {
     "gemma3": 1.0,
     "gemma3_text": 1.0,
     "vaultgemma": 1.0,
+    "nemotron": 1.0,  # LayerNorm1P
 }
 
-# Residual branches scaled before the add: resid.mid = resid.pre + scale · branch.
-BRANCH_SCALE: dict[str, str] = {
+
+def _minicpm3_scale(config: Any) -> float:
+    return float(config.scale_depth) / math.sqrt(int(config.num_hidden_layers))
+
+
+# Residual branches scaled before the add: resid.mid = resid.pre + scale · branch; a config field, or a
+# function of the config.
+BRANCH_SCALE: dict[str, str | Callable[[Any], float]] = {
+    "minicpm3": _minicpm3_scale,
     "granite": "residual_multiplier",
     "granitemoe": "residual_multiplier",
     "granitemoeshared": "residual_multiplier",
@@ -69,6 +80,12 @@ BRANCH_SCALE: dict[str, str] = {
     "granitemoe_swa": "residual_multiplier",
     "hyperclovax": "residual_multiplier",
 }
+
+# A norm between act(gate)·up and down_proj (inside the MLP, relative to the layer): mlp.hidden is its output.
+MLP_SUB_NORM: dict[str, str] = {"bitnet": "mlp.ffn_sub_norm"}
+
+# Attention maps that the attention interface cannot give as one map per layer (the function runs twice).
+NO_ATTENTION_MAPS: dict[str, str] = {"diffllama": "differential attention runs the attention function twice"}
 
 # Families whose layout the derivation reads but whose numbers it cannot vouch for: refused, with why.
 REFUSED: dict[str, str] = {}
@@ -79,5 +96,7 @@ def parallel(model_type: str, config: Any) -> bool:
 
 
 def branch_scale(model_type: str, config: Any) -> float:
-    field = BRANCH_SCALE.get(model_type)
-    return float(getattr(config, field, 1.0) or 1.0) if field else 1.0
+    rule = BRANCH_SCALE.get(model_type)
+    if rule is None:
+        return 1.0
+    return rule(config) if callable(rule) else float(getattr(config, rule, 1.0) or 1.0)

@@ -9,7 +9,7 @@ ENCODER = "a bidirectional encoder used as a decoder, not a decoder-only model"
 ENCODER_DECODER = "the decoder half of an encoder-decoder model"
 RECURRENT = "state-space, recurrent or linear-attention layers, not attention and an MLP in every layer"
 MULTIMODAL = "a multimodal wrapper; use its text model's family"
-OTHER = "layers unlike a decoder's (see docs/coverage.md)"
+STREAMS = "several residual streams per layer (hyper-connections, AltUp), not one residual stream"
 
 OUT_OF_SCOPE: dict[str, str] = {
     **dict.fromkeys(
@@ -83,6 +83,9 @@ OUT_OF_SCOPE: dict[str, str] = {
             "bailing_hybrid",
             "minimax",
             "hy_v4",
+            "lara_mini",
+            "qwen4_exp_text",
+            "hrm_text",
         ),
         RECURRENT,
     ),
@@ -106,9 +109,11 @@ OUT_OF_SCOPE: dict[str, str] = {
             "dots3_note",
             "minimax_m3_vl_text",
             "gemma3",
+            "moshi",
         ),
         MULTIMODAL,
     ),
+    **dict.fromkeys(("deepseek_v4", "gemma3n_text"), STREAMS),
     "blt": "a byte-level model with local and global transformers, not one stack of decoder layers",
 }
 

@@ -25,20 +25,21 @@ from outlier_study.errors import ConfigError
 
 # ---------------------------------------------------------------- the role vocabulary
 
-ATTN_ROOTS = ("self_attn", "attn", "attention", "self_attention")
+ATTN_ROOTS = ("self_attn", "attn", "attention", "self_attention", "multi_head_attention")
 MLP_ROOTS = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
-Q = ("q_proj", "query")
-K = ("k_proj", "key")
-V = ("v_proj", "value")
+Q = ("q_proj", "query", "Wq")
+K = ("k_proj", "key", "Wk")
+V = ("v_proj", "value", "Wv")
 OUT = ("o_proj", "out_proj", "dense", "c_proj", "o")
 QKV = ("qkv_proj", "query_key_value", "Wqkv", "c_attn", "qkv", "W_pack")
 MLA_Q_A, MLA_Q_B, MLA_KV_A = ("q_a_proj",), ("q_b_proj",), ("kv_a_proj_with_mqa",)
 GATE = ("gate_proj", "w1")
 UP = ("up_proj", "w3")
 GATE_UP = ("gate_up_proj",)
-FIRST = ("fc1", "c_fc", "dense_h_to_4h", "fc_in", "up_proj", "w1")  # the first linear of an ungated MLP
-DOWN = ("down_proj", "w2", "fc2", "c_proj", "dense_4h_to_h", "fc_out")
-ACT = ("act_fn", "act", "activation_fn", "activation", "gelu_impl")
+# The first linear of an ungated MLP, and the down projection ("0" / "2": CTRL's MLP is an nn.Sequential).
+FIRST = ("fc1", "c_fc", "dense_h_to_4h", "fc_in", "up_proj", "w1", "0")
+DOWN = ("down_proj", "w2", "fc2", "c_proj", "dense_4h_to_h", "fc_out", "2")
+ACT = ("act_fn", "act", "activation_fn", "activation", "gelu_impl", "1")
 Q_NORM = ("q_norm", "q_layernorm")
 K_NORM = ("k_norm", "k_layernorm")
 ATTN_PRE = (
@@ -50,6 +51,7 @@ ATTN_PRE = (
     "ln_attn",
     "attn_norm",
     "attention_layernorm",
+    "layernorm1",
 )
 MLP_PRE = (
     "pre_feedforward_layernorm",
@@ -59,6 +61,7 @@ MLP_PRE = (
     "final_layer_norm",
     "ffn_norm",
     "feedforward_layernorm",
+    "layernorm2",
 )
 MLP_PRE_PARALLEL = ("ln_mlp",)
 ATTN_POST = ("post_self_attn_layernorm", "post_norm1")
@@ -203,7 +206,8 @@ def _attention(
     o = lay.first(root, OUT, linear=True)
     if o is None:
         raise ConfigError("model", f"{model_type}: no attention output projection found in {root}")
-    taps["attn.scores"] = taps["attn.probs"] = ATTENTION
+    if model_type not in deviations.NO_ATTENTION_MAPS:
+        taps["attn.scores"] = taps["attn.probs"] = ATTENTION
     taps["attn.ctx"] = TapSpec(o, "input")
     taps["attn.out"] = TapSpec(o, "output")
     weights["o"] = WeightSpec(o)
@@ -336,11 +340,13 @@ def derive(model_type: str, config: Any, model: nn.Module, n_layers: int) -> Ada
         moe=moe,
         moe_taps=_moe_taps(next(iter(moe.values())), taps) if moe and dense_layers else {},
         rotation_blocker=_rotation_blocker(lay, norms, parallel, weights, moe),
-        absent=_absent(taps, weights, parallel),
+        absent=_absent(model_type, taps, weights, parallel),
     )
 
 
-def _absent(taps: dict[str, TapSpec], weights: dict[str, WeightSpec], parallel: bool) -> dict[str, str]:
+def _absent(
+    model_type: str, taps: dict[str, TapSpec], weights: dict[str, WeightSpec], parallel: bool
+) -> dict[str, str]:
     """Why each of the paper's taps this family lacks does not apply."""
     reasons = {
         "attn.norm": "no norm before attention: it reads the residual stream",
@@ -357,6 +363,8 @@ def _absent(taps: dict[str, TapSpec], weights: dict[str, WeightSpec], parallel: 
     for tap, why in reasons.items():
         if tap not in taps:
             out[tap] = why or (fused if tap.startswith("attn.") and "qkv" in weights else "not found")
+    if model_type in deviations.NO_ATTENTION_MAPS:
+        out["attn.scores"] = out["attn.probs"] = deviations.NO_ATTENTION_MAPS[model_type]
     if "attn.norm" in out:
         out["attn.norm_std"] = out["attn.norm"]
     if "mlp.norm" in out:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from outlier_study.adapters import deviations
 from outlier_study.adapters.base import Adapter
 from outlier_study.adapters.taps import ATTENTION_TAPS
 
@@ -54,7 +55,9 @@ def _residual(adapter: Adapter, t: Taps) -> list[str]:
 
 def _mlp(adapter: Adapter, block: torch.nn.Module, t: Taps) -> list[str]:
     bad = []
-    if {"mlp.act", "mlp.up"} <= set(t) and not _close(t["mlp.hidden"], t["mlp.act"] * t["mlp.up"]):
+    sub_norm = deviations.MLP_SUB_NORM.get(adapter.family)
+    product = (lambda h: adapter.module(block, sub_norm)(h)) if sub_norm else (lambda h: h)
+    if {"mlp.act", "mlp.up"} <= set(t) and not _close(t["mlp.hidden"], product(t["mlp.act"] * t["mlp.up"])):
         bad.append("mlp.hidden != mlp.act * mlp.up")
     if "mlp.up" not in t and "mlp.act" in t and not _close(t["mlp.hidden"], t["mlp.act"]):
         bad.append("mlp.hidden != mlp.act")

@@ -50,12 +50,26 @@ def hook_module(
     return module.register_forward_hook(post, prepend=prepend)
 
 
-def _feeder(layer: int, taps: list[tuple[str, Derive | None]], sink: TapSink) -> TensorFn:
+def _feeder(
+    layer: int, taps: list[tuple[str, Derive | None]], sink: TapSink, windows: list[tuple[int, int]]
+) -> TensorFn:
+    """Feed a module boundary's taps to the sink; tensors a family flattens to (B·T, C) inside its layer
+    (OPT's MLP, Llama 4's experts) come back as (B, T, C) of the layer input's `windows` shape."""
+
     def feed(module: nn.Module, x: torch.Tensor) -> None:
+        if x.dim() == 2 and windows:
+            x = x.view(*windows[-1], x.shape[-1])
         for tap, derive in taps:
             sink(layer, tap, derive(module, x) if derive else x, None)
 
     return feed
+
+
+def _shape_recorder(windows: list[tuple[int, int]]) -> TensorFn:
+    def record(_module: nn.Module, x: torch.Tensor) -> None:
+        windows[:] = [tuple(x.shape[:2])]  # type: ignore[list-item]
+
+    return record
 
 
 @contextmanager
@@ -82,9 +96,14 @@ def tap_hooks(
                 spec = adapter.tap_spec(layer, tap)
                 if spec not in CAPTURED:
                     groups[(spec.module, spec.io)].append((tap, spec.derive))
+            windows: list[tuple[int, int]] = []  # (B, T) of this layer's input, while it runs
+            if groups:
+                recorder = hook_module(blocks[layer], "input", _shape_recorder(windows), prepend=True)
+                stack.callback(recorder.remove)
             for (path, io), derived in groups.items():
                 module = adapter.module(blocks[layer], path)
-                stack.callback(hook_module(module, io, _feeder(layer, derived, sink)).remove)  # type: ignore[arg-type]
+                feeder = _feeder(layer, derived, sink, windows)
+                stack.callback(hook_module(module, io, feeder).remove)  # type: ignore[arg-type]
             if layer in moe:
                 hooked |= {tap for derived in groups.values() for tap, _ in derived}
         attention = frozenset(taps) & ATTENTION_TAPS

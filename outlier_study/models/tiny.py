@@ -97,6 +97,19 @@ SHRINK: dict[str, Any] = {
     "tie_word_embeddings": False,
 }
 DERIVED = ("layer_types",)  # lists per layer: recomputed by the config for the new depth
+# Families whose default config leaves a field unset that a model needs (transformers fills it in for the
+# real checkpoints): the one value each needs, over the shrink.
+NEEDS: dict[str, dict[str, Any]] = {
+    "hunyuan_v1_dense": {"head_dim": 16},
+    "hunyuan_v1_moe": {"head_dim": 16},
+    "ministral": {"head_dim": 16},
+    "deepseek_v2": {"num_experts_per_tok": 2},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    "zaya": {"num_experts_per_tok": 1},
+    "helium": {"head_dim": 16},
+    "nemotron": {"head_dim": 16, "num_key_value_heads": 2},
+    "dots1": dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
+}
 
 
 def shrunk_overrides(model_type: str) -> dict[str, Any]:
@@ -106,7 +119,7 @@ def shrunk_overrides(model_type: str) -> dict[str, Any]:
     if getattr(default, "num_key_value_heads", None) == getattr(default, "num_attention_heads", None):
         out["num_key_value_heads"] = SHRINK["num_attention_heads"]  # multi-head attention stays so
     out |= {k: None for k in DERIVED if getattr(default, k, None) is not None}
-    return out
+    return out | NEEDS.get(model_type, {})
 
 
 def tiny_config(model_type: str, overrides: dict[str, Any] | None = None) -> Any:
