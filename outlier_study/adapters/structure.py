@@ -212,7 +212,8 @@ def _attention(
     taps["attn.out"] = TapSpec(o, "output")
     weights["o"] = WeightSpec(o)
     for tap, names in (("attn.q_norm", Q_NORM), ("attn.k_norm", K_NORM)):
-        path = lay.first(root, names, linear=False)
+        # the attention's own per-head norms, not those of a sub-module (e.g. a sparse-attention indexer)
+        path = next((f"{root}.{n}" for n in names if f"{root}.{n}" in lay.modules), None)
         if path is not None and getattr(lay.modules[path], "weight", None) is not None:
             taps[tap] = TapSpec(path, "output", flatten_heads)
     return root
