@@ -36,7 +36,10 @@ def test_tiny_job_succeeds(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (("model=nope",), "error: model: unknown option 'nope' (allowed: deepseek-v2-lite, gemma-2-9b, gemma3-270m,"),
+        (
+            ("model=nope",),
+            "error: model: unknown option 'nope' (allowed: deepseek-v2-lite, gemma-2-9b, gemma3-270m,",
+        ),
         (
             ("dataset=nope",),
             "error: dataset: unknown option 'nope' (allowed: c4, embedded, local_text, wikitext2)",
@@ -62,4 +65,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: tuple[str, ...],
 def test_help_lists_groups(tmp_path: Path) -> None:
     out = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
-    assert "model: deepseek-v2-lite, gemma-2-9b, gemma3-270m, gguf" in out.stdout and "dataset: c4, embedded" in out.stdout
+    assert (
+        "model: deepseek-v2-lite, gemma-2-9b, gemma3-270m, gguf" in out.stdout
+        and "dataset: c4, embedded" in out.stdout
+    )

@@ -87,9 +87,6 @@ MLP_SUB_NORM: dict[str, str] = {"bitnet": "mlp.ffn_sub_norm"}
 # Attention maps that the attention interface cannot give as one map per layer (the function runs twice).
 NO_ATTENTION_MAPS: dict[str, str] = {"diffllama": "differential attention runs the attention function twice"}
 
-# Families whose layout the derivation reads but whose numbers it cannot vouch for: refused, with why.
-REFUSED: dict[str, str] = {}
-
 
 def parallel(model_type: str, config: Any) -> bool:
     return PARALLEL.get(model_type, lambda _c: False)(config)

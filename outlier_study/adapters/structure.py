@@ -274,8 +274,6 @@ def _moe_taps(spec: MoESpec, dense: dict[str, TapSpec]) -> dict[str, TapSpec]:
 
 def derive(model_type: str, config: Any, model: nn.Module, n_layers: int) -> Adapter:
     """The adapter of a model built (on the meta device is enough) from `config`."""
-    if model_type in deviations.REFUSED:
-        raise ConfigError("model", f"{model_type}: {deviations.REFUSED[model_type]}")
     layers_path = _layers_path(model, n_layers, model_type)
     blocks = model.get_submodule(layers_path)
     moe = {i: s for i, b in enumerate(blocks) if (s := find_moe(b)) is not None}

@@ -13,6 +13,7 @@ import torch
 from outlier_study.adapters import deviations
 from outlier_study.adapters.base import Adapter
 from outlier_study.adapters.taps import ATTENTION_TAPS
+from outlier_study.measure.hooks import tap_hooks
 
 Taps = dict[str, torch.Tensor]
 
@@ -23,8 +24,6 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def capture(model: torch.nn.Module, adapter: Adapter, ids: torch.Tensor) -> tuple[dict[int, Taps], list[str]]:
     """Every tap of every layer (clones), and the taps that fired more than once."""
-    from outlier_study.measure.hooks import tap_hooks
-
     got: dict[int, Taps] = {}
     twice: list[str] = []
 
@@ -101,8 +100,6 @@ def _projections(adapter: Adapter, block: torch.nn.Module, t: Taps) -> list[str]
 
 def verify(model: torch.nn.Module, adapter: Adapter, ids: torch.Tensor) -> list[str]:
     """The identities that fail (empty: the adapter describes the model), hooked logits included."""
-    from outlier_study.measure.hooks import tap_hooks
-
     layers = list(range(len(adapter.blocks(model))))
     with torch.no_grad():
         plain = model(ids).logits
