@@ -20,6 +20,7 @@ from outlier_study.errors import ConfigError
 from outlier_study.output.tables import Table, latex_escape, to_html, to_latex
 from outlier_study.sweep.cli import EXIT_BAD_INPUT, EXIT_NOT_ALL_OK, EXIT_OK, main
 from outlier_study.sweep.collect import Pivot, collect, pivot_tables
+from outlier_study.sweep.jobs import Job
 from tests.helpers import make_cfg
 
 MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")  # gpt2 has no mlp.up: `taps=[mlp.up]` fails there
@@ -204,6 +205,32 @@ def test_a_pivot_splits_into_one_table_per_other_varying_parameter(local_jobs: P
         for intervention, cell in table.rows:
             metrics = json.loads((local_jobs / f"ppl-{dataset}-{intervention}" / "metrics.json").read_text())
             assert cell == f"{metrics['ppl']:.2f}"
+
+
+def test_a_row_options_own_keys_label_its_rows_instead_of_splitting_the_table() -> None:
+    """A sweep over methods where only some have a key (`method.alpha`): one table per dataset still, with
+    a row per method setting."""
+    settings = [("none", None), ("smoothquant", "0.5"), ("smoothquant", "0.8")]
+    jobs = []
+    for dataset in ("a", "b"):
+        for quant in ("w8a8", "w4a8"):
+            for method, alpha in settings:
+                overrides = {"experiment": "quant", "dataset": dataset, "quant": quant, "method": method}
+                if alpha is not None:
+                    overrides["method.alpha"] = alpha
+                name = "_".join(overrides.values())
+                ppl = 10.0 + len(jobs)
+                jobs.append(Job(Path(name), name, "ok", overrides=overrides, metrics={"ppl": ppl}))
+    pivot = Pivot("quant", "q", rows="method", columns="quant", value="ppl", digits=1, row_order=("none",))
+    tables = {t.name: t for t in pivot_tables(jobs, [pivot])}
+    assert sorted(tables) == ["q__dataset-a", "q__dataset-b"]
+    table = tables["q__dataset-a"]
+    assert table.header == ("method", "w8a8", "w4a8")
+    assert table.rows == (
+        ("none", "10.0", "13.0"),
+        ("smoothquant (alpha=0.5)", "11.0", "14.0"),
+        ("smoothquant (alpha=0.8)", "12.0", "15.0"),
+    )
 
 
 def test_latex_escapes_specials_and_arrows() -> None:

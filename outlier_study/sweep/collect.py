@@ -134,23 +134,37 @@ def _ordered(values: Iterable[str], first: Iterable[str]) -> list[str]:
 
 
 def pivot_tables(jobs: list[Job], pivots: Iterable[Pivot] = PIVOTS) -> list[Table]:
-    """Declared pivots: one table per combination of the other parameters that vary (e.g. dataset)."""
+    """Declared pivots: one table per combination of the other parameters that vary (e.g. dataset). The
+    row option's own keys (`method.alpha` for rows = method) label its rows instead of splitting the table."""
     tables = []
     for pivot in pivots:
         members = [j for j in jobs if j.param("experiment") == pivot.experiment]
         if not members:
             continue
-        split = [k for k in varying(members) if k not in (pivot.rows, pivot.columns)]
+        keys = [k for k in varying(members) if k not in (pivot.rows, pivot.columns)]
+        own = [k for k in keys if k.startswith(f"{pivot.rows}.")]
+        split = [k for k in keys if k not in own]
         groups: dict[tuple[str, ...], list[Job]] = {}
         for job in members:
             groups.setdefault(tuple(job.param(k) for k in split), []).append(job)
         for values, group in groups.items():
-            tables.append(_pivot_table(pivot, split, values, group))
+            tables.append(_pivot_table(pivot, split, values, group, own))
     return tables
 
 
-def _pivot_table(pivot: Pivot, split: list[str], values: tuple[str, ...], jobs: list[Job]) -> Table:
-    rows = _ordered((j.param(pivot.rows) for j in jobs), pivot.row_order)
+def _row_label(job: Job, rows: str, own: list[str]) -> str:
+    """The row option's value and those of its own keys the job has: 'smoothquant (alpha=0.8)'."""
+    keys = [f"{k[len(rows) + 1 :]}={job.param(k)}" for k in own if job.param(k)]
+    return job.param(rows) + (f" ({', '.join(keys)})" if keys else "")
+
+
+def _pivot_table(
+    pivot: Pivot, split: list[str], values: tuple[str, ...], jobs: list[Job], own: list[str]
+) -> Table:
+    label = {job.path: _row_label(job, pivot.rows, own) for job in jobs}
+    option = {label[j.path]: j.param(pivot.rows) for j in jobs}
+    rank = {v: i for i, v in enumerate(pivot.row_order)}
+    rows = sorted(dict.fromkeys(option), key=lambda r: rank.get(option[r], len(rank)))  # stable: found order
     cols = _ordered((j.param(pivot.columns) for j in jobs), pivot.column_labels)
     cells: dict[tuple[str, str], list[str]] = {}
     for job in jobs:
@@ -159,7 +173,7 @@ def _pivot_table(pivot: Pivot, split: list[str], values: tuple[str, ...], jobs: 
             text = format_value(value, pivot.digits) if value is not None else "n/a"
         else:
             text = job.status
-        cells.setdefault((job.param(pivot.rows), job.param(pivot.columns)), []).append(text)
+        cells.setdefault((label[job.path], job.param(pivot.columns)), []).append(text)
     header = [pivot.rows, *(pivot.column_labels.get(c, c) for c in cols)]
     body = [[r, *(" / ".join(cells.get((r, c), [])) for c in cols)] for r in rows]
     where = ", ".join(f"{k}={v}" for k, v in zip(split, values, strict=True))
