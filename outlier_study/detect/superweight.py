@@ -43,6 +43,7 @@ class PeakSite:
 
 
 def peak_site(peaks: Sequence[Peak], ma_abs: float, ma_ratio: float) -> PeakSite | None:
+    """The most common channel of the peaks (None: no window had a finite element)."""
     if not peaks:
         return None
     channel, windows = Counter(p.channel for p in peaks).most_common(1)[0]
