@@ -20,12 +20,26 @@ LAYER_NOTE = "layers numbered from 0"
 def _panel_grid(
     n_panels: int, panel_height: float, title: str, fontsize: int = 11, ncols: int | None = None
 ) -> tuple[Figure, int, int]:
-    """A figure for `n_panels` panels (`ncols`, default at most 4, a row) whose title has a band of its own:
-    constrained layout keeps the title, the panel titles and the tick labels from overlapping."""
+    """A figure for `n_panels` panels (`ncols`, default at most 4, a row) whose title has a band of its own.
+
+    Margins and gaps are fixed in inches (room for the title, panel titles and tick labels): a layout
+    engine measuring every tick label costs more than the plot itself once there are dozens of panels."""
     ncols = ncols or min(4, n_panels)
     nrows = -(-n_panels // ncols)
-    fig = Figure(figsize=(4.2 * ncols, panel_height * nrows + 0.6), dpi=100, layout="constrained")
-    fig.suptitle(title, fontsize=fontsize)
+    width, height = 4.2 * ncols, panel_height * nrows + 0.6
+    fig = Figure(figsize=(width, height), dpi=100)
+    left, right, bottom, top, gap_w, gap_h = 0.95, 0.2, 0.45, 0.6, 1.0, 0.7
+    axis_w = (width - left - right - gap_w * (ncols - 1)) / ncols
+    axis_h = (height - bottom - top - gap_h * (nrows - 1)) / nrows
+    fig.subplots_adjust(
+        left=left / width,
+        right=1 - right / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=gap_w / axis_w,
+        hspace=gap_h / axis_h,
+    )
+    fig.suptitle(title, fontsize=fontsize, y=1 - 0.15 / height, va="top")
     return fig, nrows, ncols
 
 
@@ -221,8 +235,10 @@ def super_weight_figure(
                 fontsize=7,
                 color="tab:red",
             )
-    if any(v > 0 for v in (*y6_max, *y7_max)):
+    positive = [v for v in (*y6_max, *y7_max) if v > 0]
+    if positive:
         ax.set_yscale("log")
+        ax.set_ylim(top=max(positive) * 4)  # room above the highest point for its label
     ax.set_xlabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("largest |a| over the windows")
