@@ -45,6 +45,25 @@ class WeightSpec:
 
 
 @dataclass(frozen=True)
+class ResidualAdd:
+    """One residual add of a decoder layer: skip · stream + scale · branch. Both are 1 in most families;
+    Granite scales the branch, Beam both, by depth."""
+
+    skip: float = 1.0
+    scale: float = 1.0
+
+    def branch(self, b: torch.Tensor) -> torch.Tensor:
+        """What the add receives from the branch."""
+        return b if self.scale == 1.0 else b * self.scale
+
+    def __call__(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (x if self.skip == 1.0 else x * self.skip) + self.branch(b)
+
+
+PLAIN_ADDS = (ResidualAdd(), ResidualAdd())
+
+
+@dataclass(frozen=True)
 class NormSpec:
     """A norm of a decoder layer: its module, the tap it writes (whose COs pick the γ entries the channel
     experiments edit), and the weights that read its output (SmoothQuant scales them, rotation folds γ
@@ -71,7 +90,8 @@ class Adapter:
     rotation_blocker: str | None = None  # why the exact rotation fold does not apply; None: it does
     parallel: bool = False  # attention and MLP both read the layer input; one residual add, no resid.mid
     parallel_sum: str = "(x+a)+m"  # how a parallel block sums input and branches: or "x+(a+m)"
-    branch_scale: float = 1.0  # resid.mid = resid.pre + branch_scale · attention branch (Granite)
+    residual_adds: tuple[tuple[ResidualAdd, ResidualAdd], ...] = ()  # per layer (attn, mlp); (): plain adds
+    output_scale: str = ""  # a buffer of the layer scaling its whole output (Gemma 4's layer_scalar)
     moe: dict[int, Any] = field(default_factory=dict)  # layer -> MoESpec of its mixture-of-experts block
     moe_taps: dict[str, TapSpec] = field(default_factory=dict)  # tap table of MoE layers, where it differs
     absent: dict[str, str] = field(default_factory=dict)  # paper taps this family lacks -> why
@@ -103,11 +123,12 @@ class Adapter:
             (a, self.aliases[a]) for a in PAPER_ALIASES if a in self.aliases and self.aliases[a] in self.taps
         ]
 
-    def residual_branches(self) -> tuple[str, str]:
-        """The taps that attention and MLP add to the residual stream (Gemma3 adds post-normed outputs)."""
-        if "attn.post_norm" in self.taps:
-            return "attn.post_norm", "mlp.post_norm"
-        return "attn.out", "mlp.out"
+    def residual_branches(self) -> tuple[str, ...]:
+        """The taps added to the residual stream, in order: attention's and the MLP's (Gemma adds post-normed
+        outputs), then Gemma 4's per-layer input."""
+        post = "attn.post_norm" in self.taps
+        pair = ("attn.post_norm", "mlp.post_norm") if post else ("attn.out", "mlp.out")
+        return pair + (("ple.out",) if "ple.out" in self.taps else ())
 
     def tap_spec(self, layer: int, tap: str) -> TapSpec:
         """Where `tap` lives in decoder layer `layer` (MoE layers of a model with dense ones differ)."""
@@ -115,15 +136,33 @@ class Adapter:
             return self.moe_taps[tap]
         return self.taps[tap]
 
-    def residual_sum(self, x: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """The layer output from its input x and the two branch taps a, m, in the model's own order of
-        additions (so a rebuilt output has the model's bits): the one description of the residual adds."""
-        s = self.branch_scale
-        if s != 1.0:
-            a, m = a * s, m * s
-        if self.parallel and self.parallel_sum == "x+(a+m)":
-            return x + (a + m)
-        return (x + a) + m
+    def adds(self, layer: int) -> tuple[ResidualAdd, ResidualAdd]:
+        """The attention and MLP residual adds of `layer`."""
+        return self.residual_adds[layer] if self.residual_adds else PLAIN_ADDS
+
+    def residual_sum(
+        self, layer: int, x: torch.Tensor, branches: Sequence[torch.Tensor], scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The output of `layer` from its input x and its branch taps (`residual_branches`), in the model's
+        own order of additions (so a rebuilt output has the model's bits): the one description of the
+        residual adds. `scale`: the layer's output scale (`output_scale_of`)."""
+        a, m, *later = branches
+        attn, mlp = self.adds(layer)
+        if not self.parallel:
+            return self.finish(mlp(attn(x, a), m), later, scale)
+        a, m = attn.branch(a), mlp.branch(m)
+        return self.finish(x + (a + m) if self.parallel_sum == "x+(a+m)" else (x + a) + m, later, scale)
+
+    @staticmethod
+    def finish(out: torch.Tensor, later: Sequence[torch.Tensor], scale: torch.Tensor | None) -> torch.Tensor:
+        """What a layer does after its MLP add: the branches added later, then the output scale."""
+        for branch in later:
+            out = out + branch
+        return out if scale is None else out * scale
+
+    def output_scale_of(self, block: nn.Module) -> torch.Tensor | None:
+        """The tensor scaling the whole output of a layer (Gemma 4's layer_scalar); None: it has none."""
+        return getattr(block, self.output_scale) if self.output_scale else None
 
     def editable_taps(self) -> list[str]:
         """Taps whose tensor is a whole module input/output that flows on unchanged: the ones an intervention

@@ -10,6 +10,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from outlier_study.adapters.base import ResidualAdd
+
 Predicate = Callable[[Any], bool]
 
 
@@ -36,6 +38,7 @@ PARALLEL: dict[str, Predicate] = {
     "cohere": _always,
     "cohere2": _always,
     "cohere2_moe": _always,
+    "cohere_compass_text": _always,
     "falcon": _falcon_parallel,
 }
 
@@ -51,6 +54,7 @@ PARALLEL_SUM: dict[str, str] = {
     "cohere": "(x+a)+m",
     "cohere2": "(x+a)+m",
     "cohere2_moe": "(x+a)+m",
+    "cohere_compass_text": "(x+a)+m",
     "stablelm": "(x+a)+m",
 }
 
@@ -70,7 +74,7 @@ def _minicpm3_scale(config: Any) -> float:
 
 
 # Residual branches scaled before the add: resid.mid = resid.pre + scale · branch; a config field, or a
-# function of the config.
+# function of the config (the same scale for both adds of every layer).
 BRANCH_SCALE: dict[str, str | Callable[[Any], float]] = {
     "minicpm3": _minicpm3_scale,
     "granite": "residual_multiplier",
@@ -88,6 +92,17 @@ MLP_SUB_NORM: dict[str, str] = {"bitnet": "mlp.ffn_sub_norm"}
 NO_ATTENTION_MAPS: dict[str, str] = {"diffllama": "differential attention runs the attention function twice"}
 
 
+def _depth_scaled_add(index: int) -> ResidualAdd:
+    """The index-th residual add of the stack (index 2 is layer 0's attention add), as Beam writes it."""
+    return ResidualAdd(skip=math.sqrt((index - 1) / index), scale=1.0 / math.sqrt(index))
+
+
+# Residual adds whose skip and branch scales depend on the layer: model_type -> layer -> (attn, mlp).
+DEPTH_SCALED: dict[str, Callable[[int], tuple[ResidualAdd, ResidualAdd]]] = {
+    "beam": lambda layer: (_depth_scaled_add(2 * (layer + 1)), _depth_scaled_add(2 * (layer + 1) + 1)),
+}
+
+
 def parallel(model_type: str, config: Any) -> bool:
     return PARALLEL.get(model_type, lambda _c: False)(config)
 
@@ -97,3 +112,11 @@ def branch_scale(model_type: str, config: Any) -> float:
     if rule is None:
         return 1.0
     return rule(config) if callable(rule) else float(getattr(config, rule, 1.0) or 1.0)
+
+
+def residual_adds(model_type: str, config: Any, n_layers: int) -> tuple[tuple[ResidualAdd, ResidualAdd], ...]:
+    """Each layer's (attention, MLP) residual add; () when every add is a plain x + branch."""
+    if model_type in DEPTH_SCALED:
+        return tuple(DEPTH_SCALED[model_type](layer) for layer in range(n_layers))
+    scale = branch_scale(model_type, config)
+    return () if scale == 1.0 else ((ResidualAdd(scale=scale),) * 2,) * n_layers

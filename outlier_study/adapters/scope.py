@@ -9,7 +9,11 @@ ENCODER = "a bidirectional encoder used as a decoder, not a decoder-only model"
 ENCODER_DECODER = "the decoder half of an encoder-decoder model"
 RECURRENT = "state-space, recurrent or linear-attention layers, not attention and an MLP in every layer"
 MULTIMODAL = "a multimodal wrapper; use its text model's family"
-STREAMS = "several residual streams per layer (hyper-connections, AltUp), not one residual stream"
+STREAMS = (
+    "several residual streams per layer (hyper-connections, AltUp, attention over earlier blocks' outputs), "
+    "not one residual stream"
+)
+LOOPED = "recurrent depth: a block of its layers runs several times per forward, so a layer has no one output"
 
 OUT_OF_SCOPE: dict[str, str] = {
     **dict.fromkeys(
@@ -113,7 +117,8 @@ OUT_OF_SCOPE: dict[str, str] = {
         ),
         MULTIMODAL,
     ),
-    **dict.fromkeys(("deepseek_v4", "gemma3n_text"), STREAMS),
+    **dict.fromkeys(("deepseek_v4", "gemma3n_text", "inkling2_text"), STREAMS),
+    **dict.fromkeys(("dory", "inkling2_loop_text"), LOOPED),
     "blt": "a byte-level model with local and global transformers, not one stack of decoder layers",
 }
 

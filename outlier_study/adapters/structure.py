@@ -67,6 +67,8 @@ MLP_PRE_PARALLEL = ("ln_mlp",)
 ATTN_POST = ("post_self_attn_layernorm", "post_norm1")
 MLP_POST = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_norm2")
 AMBIGUOUS = "post_attention_layernorm"  # the MLP's pre-norm, or (with post-MLP norms) attention's post-norm
+PLE_OUT = ("post_per_layer_input_norm",)  # the last module of Gemma 4's per-layer input branch
+OUTPUT_SCALES = ("layer_scalar",)  # a buffer scaling the layer's whole output
 FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "norm_f", "final_layer_norm", "final_norm")
 
 # Fused q/k/v projections whose output is [q | k | v] in contiguous blocks (others interleave per head).
@@ -128,6 +130,7 @@ class _Layer:
     """Name lookups inside one decoder layer."""
 
     def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
         self.modules = dict(layer.named_modules())
 
     def first(self, root: str, names: Sequence[str], linear: bool | None = None) -> str | None:
@@ -277,6 +280,12 @@ def derive(model_type: str, config: Any, model: nn.Module, n_layers: int) -> Ada
     layers_path = _layers_path(model, n_layers, model_type)
     blocks = model.get_submodule(layers_path)
     moe = {i: s for i, b in enumerate(blocks) if (s := find_moe(b)) is not None}
+    if any(not s.block for s in moe.values()):
+        raise ConfigError(
+            "model",
+            f"{model_type}: experts beside a dense MLP in the decoder layer itself (a dense MLP and a "
+            "mixture of experts side by side) are not described yet",
+        )
     dense_layers = [i for i in range(n_layers) if i not in moe]
     lay = _Layer(blocks[dense_layers[0] if dense_layers else 0])
     parallel = deviations.parallel(model_type, config)
@@ -304,6 +313,8 @@ def derive(model_type: str, config: Any, model: nn.Module, n_layers: int) -> Ada
         taps["mlp.norm_std"], taps["mlp.norm"] = taps["attn.norm_std"], taps["attn.norm"]
     if norms["mlp_post"]:
         taps["mlp.post_norm"] = TapSpec(norms["mlp_post"], "output")
+    if ple := lay.child(PLE_OUT):
+        taps["ple.out"] = TapSpec(ple, "output")
     taps["resid.post"] = TapSpec("", "output")
     if not dense_layers:
         taps = _moe_taps(moe[0], taps)
@@ -335,7 +346,8 @@ def derive(model_type: str, config: Any, model: nn.Module, n_layers: int) -> Ada
         gamma_offset=deviations.GAMMA_OFFSET.get(model_type, 0.0),
         parallel=parallel,
         parallel_sum=deviations.PARALLEL_SUM.get(model_type, "(x+a)+m"),
-        branch_scale=deviations.branch_scale(model_type, config),
+        residual_adds=deviations.residual_adds(model_type, config, n_layers),
+        output_scale=next((n for n in OUTPUT_SCALES if n in dict(lay.layer.named_buffers(False))), ""),
         moe=moe,
         moe_taps=_moe_taps(next(iter(moe.values())), taps) if moe and dense_layers else {},
         rotation_blocker=_rotation_blocker(lay, norms, parallel, weights, moe),

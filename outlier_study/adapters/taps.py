@@ -30,6 +30,7 @@ CANONICAL_TAPS: tuple[str, ...] = (
     "mlp.hidden",
     "mlp.out",
     "mlp.post_norm",
+    "ple.out",
     "resid.post",
 )
 

@@ -42,26 +42,32 @@ class Attributor:
     """Hook sink that classifies residual MAs layer by layer, as the forward pass produces them."""
 
     def __init__(self, adapter: Adapter, ma_abs: float, ma_ratio: float) -> None:
-        self.attn_branch, self.mlp_branch = adapter.residual_branches()
-        self.parallel, self.scale = adapter.parallel, adapter.branch_scale
+        self.attn_branch, self.mlp_branch, *self.later = adapter.residual_branches()
+        self.adapter, self.parallel = adapter, adapter.parallel
         self.ma_abs, self.ma_ratio = ma_abs, ma_ratio
         self.window_offset = 0
         self.events: list[MAEvent] = []
         self._mas: dict[str, dict[Position, float]] = {}  # this layer's MA positions so far, by tap
         self._branch = torch.empty(0)  # the sublayer output just added; the model holds it anyway
         self._attn = torch.empty(0)  # a parallel block's attention output, until its MLP output comes
+        self._mlp = torch.empty(0)  # the MLP output, until the branches added after it come (Gemma 4)
 
     @property
     def taps(self) -> list[str]:
         mid = [] if self.parallel else ["resid.mid"]
-        return ["resid.pre", self.attn_branch, *mid, self.mlp_branch, "resid.post"]
+        return ["resid.pre", self.attn_branch, *mid, self.mlp_branch, *self.later, "resid.post"]
 
     def sink(self, layer: int, tap: str, x: torch.Tensor, _valid: torch.Tensor | None) -> None:
-        if tap in (self.attn_branch, self.mlp_branch) and self.scale != 1.0:
-            x = x * self.scale  # what the residual add receives
+        if tap in (self.attn_branch, self.mlp_branch):  # what the residual add receives
+            x = self.adapter.adds(layer)[tap == self.mlp_branch].branch(x)
         if self.parallel and tap == self.attn_branch:
             self._attn = x
             return
+        if self.later and tap in (self.mlp_branch, *self.later):  # all of them make the MLP's add
+            self._mlp = x if tap == self.mlp_branch else self._mlp + x
+            if tap != self.later[-1]:
+                return
+            tap, x = self.mlp_branch, self._mlp
         if self.parallel and tap == self.mlp_branch:
             x = self._attn + x  # what the block adds to its input
         found: dict[Position, float] = ma_positions(x, self.ma_abs, self.ma_ratio)  # type: ignore[assignment]

@@ -1,10 +1,11 @@
 """Remove the MAs carried by the residual connections, so each layer's output keeps only the MAs its own
 sublayers generated (the paper's "only TMA left", Fig. 4/5 right).
 
-Every decoder layer computes its output from x and the two branches in one order of additions
+Every decoder layer computes its output from x and its branches in one order of additions
 (`Adapter.residual_sum`: (x + attn) + mlp for sequential layers, x + (attn + mlp) for some parallel
-ones). The intervention keeps the sublayers' view of x and swaps x's MA elements for a fill on the
-residual path only: at those positions the output becomes residual_sum(fill, attn_branch, mlp_branch).
+ones; scaled adds, a later per-layer-input branch and an output scale where a family has them). The
+intervention keeps the sublayers' view of x and swaps x's MA elements for a fill on the residual path
+only: at those positions the output becomes residual_sum(fill, branches).
 Rebuilding it from the captured branch outputs, in the model's own order of additions, gives exactly
 the bits a model with an edited residual copy would produce; subtracting (x − fill) from the output
 would not (at |x| ~ 1e4 a bf16 sum has already rounded the branches away).
@@ -53,13 +54,11 @@ def remove_residual_mas(
     value = str(value)
     chosen = lm.arch.layers(layers, "intervention.layers")
     adapter = lm.adapter
-    names = ("attn", "mlp")
+    names = adapter.residual_branches()
 
     def branch_specs(layer: int) -> dict[str, Any]:
-        """Where the two branch taps of `layer` are (a MoE layer's MLP branch is its sparse block)."""
-        specs = {
-            n: adapter.tap_spec(layer, t) for n, t in zip(names, adapter.residual_branches(), strict=True)
-        }
+        """Where the branch taps of `layer` are (a MoE layer's MLP branch is its sparse block)."""
+        specs = {t: adapter.tap_spec(layer, t) for t in names}
         for spec in specs.values():
             if spec.io != "output" or spec.derive is not None:
                 raise RuntimeError(f"{adapter.family}: branch tap at {spec.module} is not a module output")
@@ -93,16 +92,17 @@ def remove_residual_mas(
                 return None
             if set(state.branches) != set(names):
                 raise RuntimeError(f"layer {layer}: sublayer outputs not seen ({sorted(state.branches)})")
-            a, m = state.branches["attn"], state.branches["mlp"]
+            branches = [state.branches[t] for t in names]
+            scale = adapter.output_scale_of(module)
             mask = state.mask
             # Guard the premise where it matters; fails e.g. with dropout in train mode.
-            if not torch.equal(adapter.residual_sum(state.x, a, m)[mask], y[mask]):
+            if not torch.equal(adapter.residual_sum(layer, state.x, branches, scale)[mask], y[mask]):
                 raise RuntimeError(
-                    f"layer {layer}: output is not (input + attention branch) + MLP branch; "
+                    f"layer {layer}: output is not its input plus its branches ({', '.join(names)}); "
                     "the residual intervention cannot be applied exactly (is the model in eval mode?)"
                 )
             log.add(layer, state.count)
-            return torch.where(mask, adapter.residual_sum(state.fill, a, m), y)
+            return torch.where(mask, adapter.residual_sum(layer, state.fill, branches, scale), y)
 
         return hook
 

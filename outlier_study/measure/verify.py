@@ -38,17 +38,19 @@ def capture(model: torch.nn.Module, adapter: Adapter, ids: torch.Tensor) -> tupl
     return got, twice
 
 
-def _residual(adapter: Adapter, t: Taps) -> list[str]:
-    attn_tap, mlp_tap = adapter.residual_branches()
-    a, m = t[attn_tap], t[mlp_tap]
+def _residual(adapter: Adapter, layer: int, block: torch.nn.Module, t: Taps) -> list[str]:
+    names = adapter.residual_branches()
+    a, m, *later = (t[n] for n in names)
+    scale = adapter.output_scale_of(block)
     if adapter.parallel:
-        out = adapter.residual_sum(t["resid.pre"], a, m)
+        out = adapter.residual_sum(layer, t["resid.pre"], [a, m, *later], scale)
         return [] if _close(t["resid.post"], out) else ["resid.post != resid.pre + attn + mlp"]
+    attn_add, mlp_add = adapter.adds(layer)
     bad = []
-    if not _close(t["resid.mid"], t["resid.pre"] + a * adapter.branch_scale):
-        bad.append(f"resid.mid != resid.pre + {attn_tap}")
-    if not _close(t["resid.post"], t["resid.mid"] + m * adapter.branch_scale):
-        bad.append(f"resid.post != resid.mid + {mlp_tap}")
+    if not _close(t["resid.mid"], attn_add(t["resid.pre"], a)):
+        bad.append(f"resid.mid != resid.pre + {names[0]}")
+    if not _close(t["resid.post"], adapter.finish(mlp_add(t["resid.mid"], m), later, scale)):
+        bad.append(f"resid.post != resid.mid + {' + '.join(names[1:])}")
     return bad
 
 
@@ -116,7 +118,8 @@ def verify(model: torch.nn.Module, adapter: Adapter, ids: torch.Tensor) -> list[
             problems.append(f"layer {layer}: taps never fired: {', '.join(missing)}")
             continue
         block = blocks[layer]
-        found = _residual(adapter, t) + _norms(adapter, block, t) + _projections(adapter, block, t)
+        found = _residual(adapter, layer, block, t) + _norms(adapter, block, t)
+        found += _projections(adapter, block, t)
         if layer not in adapter.moe:
             found += _mlp(adapter, block, t)
         problems += [f"layer {layer}: {p}" for p in found]

@@ -97,6 +97,7 @@ SHRINK: dict[str, Any] = {
     "tie_word_embeddings": False,
 }
 DERIVED = ("layer_types",)  # lists per layer: recomputed by the config for the new depth
+LAYER_KINDS = ("full_attention", "sliding_attention")
 # Families whose default config leaves a field unset that a model needs (transformers fills it in for the
 # real checkpoints): the one value each needs, over the shrink.
 NEEDS: dict[str, dict[str, Any]] = {
@@ -108,6 +109,9 @@ NEEDS: dict[str, dict[str, Any]] = {
     "zaya": {"num_experts_per_tok": 1},
     "helium": {"head_dim": 16},
     "nemotron": {"head_dim": 16, "num_key_value_heads": 2},
+    "cohere_compass_text": {
+        "rope_parameters": {kind: {"rope_type": "default", "rope_theta": 1e4} for kind in LAYER_KINDS}
+    },
     "dots1": dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
 }
 
