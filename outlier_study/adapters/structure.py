@@ -130,8 +130,8 @@ class _Layer:
     """Name lookups inside one decoder layer."""
 
     def __init__(self, layer: nn.Module) -> None:
-        self.layer = layer
         self.modules = dict(layer.named_modules())
+        self.buffers = dict(layer.named_buffers(recurse=False))  # the layer's own, not its modules'
 
     def first(self, root: str, names: Sequence[str], linear: bool | None = None) -> str | None:
         """The shallowest module under `root` whose last name is one of `names` (in their order)."""
@@ -347,7 +347,7 @@ def derive(model_type: str, config: Any, model: nn.Module, n_layers: int) -> Ada
         parallel=parallel,
         parallel_sum=deviations.PARALLEL_SUM.get(model_type, "(x+a)+m"),
         residual_adds=deviations.residual_adds(model_type, config, n_layers),
-        output_scale=next((n for n in OUTPUT_SCALES if n in dict(lay.layer.named_buffers(False))), ""),
+        output_scale=next((n for n in OUTPUT_SCALES if n in lay.buffers), ""),
         moe=moe,
         moe_taps=_moe_taps(next(iter(moe.values())), taps) if moe and dense_layers else {},
         rotation_blocker=_rotation_blocker(lay, norms, parallel, weights, moe),
