@@ -46,6 +46,14 @@ def test_profile_writes_the_results_layout(tmp_path: Path, model: str) -> None:
     assert windows["seq_len"] == 48 and len(windows["starts"]) == 3
 
 
+def test_profile_without_figures_writes_the_same_tables_and_no_plot(tmp_path: Path) -> None:
+    with_plots = run_job(tmp_path / "a", "model=tiny-llama")
+    tables_only = run_job(tmp_path / "b", "model=tiny-llama", "experiment.figures=false")
+    assert not (tables_only / "figures").exists() or not any((tables_only / "figures").iterdir())
+    for name in ("layer_stats.csv", "topk.csv"):
+        assert (tables_only / name).read_bytes() == (with_plots / name).read_bytes()
+
+
 def test_topk_positions_point_at_the_recorded_values(tmp_path: Path) -> None:
     """Re-run the model and read the activation at each recorded (window, token, channel)."""
     from outlier_study.measure.hooks import tap_hooks

@@ -27,6 +27,7 @@ from outlier_study.stats.reducers import StatsByTap
 class ProfileOptions:
     name: str = opt("profile", "per-layer statistics at every tap")
     summary_top: int = opt(10, "strongest MAs printed at the end", ge=1)
+    figures: bool = opt(True, "draw the per-layer and 3-D plots (false: tables only, e.g. in a wide sweep)")
     plot3d: Plot3DOptions = opt(Plot3DOptions(), "the Fig. 6-style 3-D plot")
 
 
@@ -132,8 +133,9 @@ def run(ctx: Context) -> dict[str, Any]:
     prof = profile(ctx, ctx.taps)
     seconds = time.perf_counter() - t0
     rows = write_profile_tables(ctx, prof)
-    write_layer_figure(ctx, prof)
-    write_surface_figure(ctx, prof)
+    if ctx.cfg.experiment.figures:
+        write_layer_figure(ctx, prof)
+        write_surface_figure(ctx, prof)
     header, summary = ma_summary(rows, ctx.cfg.experiment.summary_top)
     write_table(ctx.tables_dir, Table.of("massive_activations", header, summary))
     tracks = ma_tracks([dict(zip(report.TOPK_HEADER, r, strict=True)) for r in rows])

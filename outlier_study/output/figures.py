@@ -75,7 +75,7 @@ def layer_tops_figure(
             )
         ax.plot(layers, medians, color="gray", ls="--", lw=1, label="median")
         ax.set_yscale("log")
-        ax.set_title(tap, fontsize=9)
+        ax.set_title(tap, fontsize=9, y=1.0)  # a fixed y: no per-draw search for the tick labels
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
