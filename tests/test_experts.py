@@ -691,3 +691,24 @@ def test_massive_in_one_expert_through_the_app(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"intervention.expert: no expert '9' in qwen3_moe models"):
         run(make_cfg(*overrides, "intervention.expert=9"), job_dir=tmp_path / "bad")
     assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
+def test_router_taps_on_a_stack_with_dense_layers_are_measured_in_its_moe_layers(tmp_path: Path) -> None:
+    """DeepSeek-V3 keeps its first layer dense: the router taps exist in the MoE layers only."""
+    cfg = make_cfg(
+        "model=tiny-deepseek-v3",
+        "taps=[moe.router_logits,resid.post]",
+        "dataset=embedded",
+        "dataset.seq_len=16",
+        "dataset.n_windows=2",
+        "progress=false",
+    )
+    job = run(cfg, job_dir=tmp_path / "job")
+    rows = read_csv(job / "layer_stats.csv")
+    count = {
+        (int(r["layer"]), r["tap"]): float(r["value"])
+        for r in rows
+        if r["statistic"] == "n_elements" and r["tap"] in ("moe.router_logits", "resid.post")
+    }
+    assert count[(1, "moe.router_logits")] > 0 and count[(0, "moe.router_logits")] == 0  # layer 0 is dense
+    assert count[(0, "resid.post")] > 0

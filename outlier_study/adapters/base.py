@@ -104,7 +104,7 @@ class Adapter:
         if tap not in CANONICAL_TAPS:
             known = sorted(set(CANONICAL_TAPS) | set(SYNONYMS) | set(self.aliases))
             raise ConfigError(field_name, f"unknown tap '{name}'", allowed=known)
-        if tap not in self.taps:
+        if tap not in self.taps and tap not in self.moe_taps:
             why = f" ({self.absent[tap]})" if tap in self.absent else ""
             raise ConfigError(
                 field_name,
@@ -115,7 +115,7 @@ class Adapter:
 
     def available(self) -> list[str]:
         """Taps of this architecture, in forward order."""
-        return [t for t in CANONICAL_TAPS if t in self.taps]
+        return [t for t in CANONICAL_TAPS if t in self.taps or t in self.moe_taps]
 
     def paper_taps(self) -> list[tuple[str, str]]:
         """(paper name, canonical tap) for the x1..x9, y1..y7 this architecture has."""
@@ -129,6 +129,10 @@ class Adapter:
         post = "attn.post_norm" in self.taps
         pair = ("attn.post_norm", "mlp.post_norm") if post else ("attn.out", "mlp.out")
         return pair + (("ple.out",) if "ple.out" in self.taps else ())
+
+    def has_tap(self, layer: int, tap: str) -> bool:
+        """Whether decoder layer `layer` has `tap` (the router taps exist in the MoE layers only)."""
+        return tap in (self.moe_taps if self.moe_taps and layer in self.moe else self.taps)
 
     def tap_spec(self, layer: int, tap: str) -> TapSpec:
         """Where `tap` lives in decoder layer `layer` (MoE layers of a model with dense ones differ)."""

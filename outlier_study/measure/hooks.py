@@ -93,6 +93,8 @@ def tap_hooks(
         for layer in layers:
             groups: dict[tuple[str, str], list[tuple[str, Derive | None]]] = defaultdict(list)
             for tap in taps:
+                if not adapter.has_tap(layer, tap):
+                    continue
                 spec = adapter.tap_spec(layer, tap)
                 if spec not in CAPTURED:
                     groups[(spec.module, spec.io)].append((tap, spec.derive))

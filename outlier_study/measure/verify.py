@@ -113,7 +113,8 @@ def verify(model: torch.nn.Module, adapter: Adapter, ids: torch.Tensor) -> list[
         problems.append("hooked logits differ from unhooked ones")
     blocks = adapter.blocks(model)
     for layer, t in sorted(got.items()):
-        missing = [tap for tap in adapter.available() if tap not in t and tap not in ATTENTION_TAPS]
+        expected = [tap for tap in adapter.available() if adapter.has_tap(layer, tap)]
+        missing = [tap for tap in expected if tap not in t and tap not in ATTENTION_TAPS]
         if missing:
             problems.append(f"layer {layer}: taps never fired: {', '.join(missing)}")
             continue
