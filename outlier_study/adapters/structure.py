@@ -10,14 +10,13 @@ then writes the same declarative `Adapter` a hand-written family file would. Wha
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from outlier_study.adapters import deviations
-from outlier_study.adapters.base import ATTENTION, EXPERTS, Adapter, Derive, NormSpec, TapSpec, WeightSpec
+from outlier_study.adapters.base import ATTENTION, EXPERTS, Adapter, NormSpec, TapSpec, WeightSpec
+from outlier_study.adapters.derived_taps import Rows, flatten_heads, layer_standardize, standardizer
 from outlier_study.adapters.experts import MoESpec, find_moe
 from outlier_study.adapters.linears import is_linear, weight_out_in
 from outlier_study.adapters.taps import EXPERT_TAPS, PAPER_ALIASES
@@ -73,54 +72,6 @@ FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "norm_f", "final_layer_norm", 
 
 # Fused q/k/v projections whose output is [q | k | v] in contiguous blocks (others interleave per head).
 QKV_BLOCKS: dict[str, str] = {"phi3": "qkv_proj", "gpt2": "c_attn", "gpt_bigcode": "c_attn", "mpt": "Wqkv"}
-
-
-# ---------------------------------------------------------------- tensor derivations
-
-
-def rms_standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm without γ, computed as the HF Llama-style norm does before its weight multiply."""
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return h.to(x.dtype)
-
-
-def own_standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Norms with a `_norm` method (Gemma-style): their own γ-free part, float32 like their intermediate."""
-    return norm._norm(x.float())  # type: ignore[operator]
-
-
-def layer_standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm without γ and β."""
-    eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5))
-    return nn.functional.layer_norm(x, x.shape[-1:], None, None, eps)
-
-
-def standardizer(norm: nn.Module) -> Derive:
-    """The γ-free part of a norm, by its kind: mean-subtracting LayerNorms, `_norm` norms, RMSNorms."""
-    name = type(norm).__name__.lower()
-    if isinstance(norm, nn.LayerNorm) or ("layernorm" in name and "rms" not in name):
-        return layer_standardize
-    if callable(getattr(norm, "_norm", None)):
-        return own_standardize
-    return rms_standardize
-
-
-def flatten_heads(_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Per-head norm outputs (B, T, heads, head_dim) as (B, T, heads·head_dim)."""
-    return x.flatten(-2) if x.dim() == 4 else x
-
-
-@dataclass(frozen=True)
-class Rows:
-    """A tap that is a contiguous block of a fused projection's output channels."""
-
-    start: int
-    stop: int
-
-    def __call__(self, _module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return x[..., self.start : self.stop]
 
 
 # ---------------------------------------------------------------- the derivation
