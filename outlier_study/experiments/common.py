@@ -69,8 +69,10 @@ def profile(
     top_k: int | None = None,
     desc: str = "profile",
     progress: bool | None = None,
+    moments: bool = True,
 ) -> Profile:
-    """Full statistics with the job's MA rule, batch size and progress setting."""
+    """Full statistics with the job's MA rule, batch size and progress setting; `moments=False` for an
+    experiment that reads only max, top-k, medians and MA counts (it skips a tap's costliest passes)."""
     th = ctx.threshold
     return profile_windows(
         ctx.lm,
@@ -83,6 +85,7 @@ def profile(
         batch_size=int(ctx.cfg.dataset.batch_size),
         progress=bool(ctx.cfg.progress) if progress is None else progress,
         desc=desc,
+        moments=moments,
     )
 
 

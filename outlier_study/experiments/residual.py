@@ -32,7 +32,7 @@ class Fig6Options:
 
 
 def _inputs_profile(ctx: Context) -> Profile:
-    return profile(ctx, ["resid.pre"])
+    return profile(ctx, ["resid.pre"], moments=False)
 
 
 def _residual_removed(ctx: Context) -> Any:
@@ -98,7 +98,7 @@ def run_fig6(ctx: Context) -> dict[str, Any]:
     tap = ctx.lm.adapter.canonical(p3.tap, "experiment.plot3d.tap")
     layers = ctx.cfg.experiment.plot_layers
     if layers is None:
-        prof = profile(ctx, [tap], ids=ctx.windows.input_ids[:1], progress=False)
+        prof = profile(ctx, [tap], ids=ctx.windows.input_ids[:1], progress=False, moments=False)
         layers = sorted(
             sorted(ctx.layers, key=lambda lay: -np.nan_to_num(prof.stats[(lay, tap)].max_abs))[:2]
         )

@@ -56,7 +56,9 @@ def run(ctx: Context) -> dict[str, Any]:
             )
         )
         with edit:
-            profiles[condition] = profile(ctx, taps, layers, top_k=2, desc=f"table45 {condition}")
+            profiles[condition] = profile(
+                ctx, taps, layers, top_k=2, desc=f"table45 {condition}", moments=False
+            )
     header = ["tap", "canonical"] + [f"layer {lay} {c} (top-1 / top-2)" for lay in layers for c in profiles]
     rows = [
         [alias, tap] + [_cell(p, lay, tap) for lay in layers for p in profiles.values()]

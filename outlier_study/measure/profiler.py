@@ -138,11 +138,13 @@ def profile_windows(
     batch_size: int = 1,
     progress: bool = True,
     desc: str = "profile",
+    moments: bool = True,
 ) -> Profile:
-    """Full statistics of `taps` at `layers` over all windows (per-channel moments but for attention maps)."""
+    """Full statistics of `taps` at `layers` over all windows (per-channel moments but for attention maps);
+    `moments=False` leaves out every moment, for callers that read only max, top-k, medians and MA counts."""
 
     def make(tap: str) -> TapReducer:
-        return TapReducer(top_k, ma_abs, ma_ratio, channel_stats=tap not in ATTENTION_TAPS)
+        return TapReducer(top_k, ma_abs, ma_ratio, channel_stats=tap not in ATTENTION_TAPS, moments=moments)
 
     profiler = Profiler(taps, layers, make, experts=True)
     stats = run_profiler(lm, input_ids, taps, layers, profiler, batch_size, progress, desc)

@@ -131,20 +131,30 @@ class TapReducer:
     """Streaming statistics of one tap; `update` never keeps a reference to the activation it is fed."""
 
     def __init__(
-        self, top_k: int = 3, ma_abs: float = 100.0, ma_ratio: float = 1000.0, channel_stats: bool = True
+        self,
+        top_k: int = 3,
+        ma_abs: float = 100.0,
+        ma_ratio: float = 1000.0,
+        channel_stats: bool = True,
+        moments: bool = True,
     ) -> None:
+        """`moments=False` skips every moment (global and per channel: mean, std, kurtosis and the channel
+        arrays come back nan / None), the four elementwise passes of a tap; an experiment that reads only
+        max, top-k, medians and MA counts asks for that."""
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         self.top_k = top_k
         self.ma_abs = float(ma_abs)
         self.ma_ratio = float(ma_ratio)
-        self.channel_stats = channel_stats
+        self.moments = moments
+        self.channel_stats = channel_stats and moments
         self._n_windows = 0
         self._nan = 0
         self._inf = 0
         self._max_abs = -math.inf
         self._top: list[TopEntry] = []
         self._medians: dict[int, float] = {}
+        self._count = 0  # valid finite elements seen
         self._ma = 0
         self._moments: Moments = EMPTY_MOMENTS
         self._channels: int | None = None
@@ -196,7 +206,8 @@ class TapReducer:
                 xc = _scratch("x", xc.numel(), dtype, xc.device).view(xc.shape).copy_(xc)
             chunk_mask = None if mask is None else mask[lo:hi]
             self._update_chunk(xc, chunk_mask, window_offset + lo, groups, absmax, tops)
-        self._merge_moments_and_channels(torch.stack(groups).cpu().numpy(), absmax)
+        if groups:
+            self._merge_moments_and_channels(torch.stack(groups).cpu().numpy(), absmax)
         if tops:
             self._merge_top(torch.cat(tops).tolist())
 
@@ -227,14 +238,15 @@ class TapReducer:
             absmax.append(wc.amax(dim=0))
         if self.top_k and (len(self._top) < self.top_k or top > self._top[-1].abs):
             tops.append(self._chunk_top(xc, a, wc, offset))  # else nothing here could enter the top-k
-        rows = bw * T
-        block = max(1, _CHUNK_ELEMENTS // C)
-        x2 = xc.view(rows, C)
-        m2 = None if mc is None else mc.reshape(rows, C)
-        use64 = top > _F32_MOMENT_LIMIT
-        for r in range(0, rows, block):
-            mb = None if m2 is None else m2[r : r + block]
-            groups.append(self._block_moments(x2[r : r + block], mb, use64))
+        if self.moments:
+            rows = bw * T
+            block = max(1, _CHUNK_ELEMENTS // C)
+            x2 = xc.view(rows, C)
+            m2 = None if mc is None else mc.reshape(rows, C)
+            use64 = top > _F32_MOMENT_LIMIT
+            for r in range(0, rows, block):
+                mb = None if m2 is None else m2[r : r + block]
+                groups.append(self._block_moments(x2[r : r + block], mb, use64))
         # Last: partitions `a` in place, which destroys the layout the steps above need.
         self._chunk_medians_and_ma(a, mc, wmax, offset)
 
@@ -369,6 +381,7 @@ class TapReducer:
                 nv = row_np.size
             else:
                 nv = per_row if mc is None else int((rows[b] >= 0.0).sum())
+            self._count += nv
             if nv == 0:
                 self._medians[offset + b] = math.nan
                 continue
@@ -394,7 +407,7 @@ class TapReducer:
     def result(self) -> TapStats:
         """Snapshot of the statistics so far; copies everything, so later updates are not disturbed."""
         n, mean, m2, _, m4 = self._moments
-        if n > 0:
+        if n > 0:  # moments skipped: n is 0, so all three are nan
             std = math.sqrt(m2 / n)
             kurt = n * m4 / (m2 * m2) if m2 > 0 else math.nan
         else:
@@ -413,10 +426,10 @@ class TapReducer:
             ch_count = cnt.astype(np.int64)
         return TapStats(
             n_windows=self._n_windows,
-            n_elements=int(n),
+            n_elements=self._count,
             nan_count=self._nan,
             inf_count=self._inf,
-            max_abs=self._max_abs if n > 0 else math.nan,
+            max_abs=self._max_abs if self._count > 0 else math.nan,
             top=[TopEntry(e.value, e.abs, e.window, e.token, e.channel) for e in self._top],
             window_medians=medians,
             median_abs=median_abs,
