@@ -21,17 +21,17 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from outlier_study.adapters.experts import MoESpec, expert_bias_view, expert_weight_view, find_moe, moe_specs
-from outlier_study.adapters.taps import EXPERT_TAPS, expert_key, split_expert
+from outlier_study.adapters.taps import EXPERT_TAPS, ROUTING, expert_key, split_expert
 from outlier_study.app import run
 from outlier_study.errors import ConfigError
 from outlier_study.interventions.massive import expert_choice
-from outlier_study.measure.experts import ROUTER_TAPS, ROUTING, capture_experts, edit_experts, expert_taps
+from outlier_study.measure.experts import ROUTER_TAPS, capture_experts, edit_experts, expert_taps
 from outlier_study.measure.profiler import Profiler
 from outlier_study.output import expert_tables
 from outlier_study.output.files import read_csv
 from outlier_study.stats.massive import ma_mask
 from outlier_study.stats.reducers import TapReducer
-from tests.helpers import make_cfg
+from tests.helpers import load_named, make_cfg
 
 # Shrunk default configs: hidden 64, 2 layers, 4 experts, top-2, vocab 258 (ids inside it), float32.
 _SHRINK: dict[str, Any] = {
@@ -712,3 +712,16 @@ def test_router_taps_on_a_stack_with_dense_layers_are_measured_in_its_moe_layers
     }
     assert count[(1, "moe.router_logits")] > 0 and count[(0, "moe.router_logits")] == 0  # layer 0 is dense
     assert count[(0, "resid.post")] > 0
+
+
+def test_massive_intervention_on_a_stack_with_dense_layers(tmp_path: Path) -> None:
+    """DeepSeek-V3's router taps live in its MoE layers only: the taps an intervention may replace are
+    still found (this raised a KeyError), and y6 is replaced inside the experts."""
+    adapter = load_named("tiny-deepseek-v3", tmp_path / "cache").adapter
+    assert "moe.router_logits" in adapter.available()
+    assert "moe.router_logits" not in adapter.editable_taps() and "mlp.out" in adapter.editable_taps()
+    overrides = (*SMALL, "model=tiny-deepseek-v3", "experiment=perplexity", "intervention=massive")
+    overrides += ("intervention.tap=y6", "threshold.ma_abs=0.00001", "threshold.ma_ratio=4")
+    job = run(make_cfg(*overrides), job_dir=tmp_path / "job")
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["intervention.changed_total"] > 0

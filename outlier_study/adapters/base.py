@@ -74,6 +74,11 @@ class NormSpec:
     readers: tuple[str, ...] = ()
 
 
+def _plain_boundary(spec: TapSpec) -> bool:
+    """A whole module input/output, read as it is (not captured elsewhere, not derived)."""
+    return spec not in CAPTURED and spec.derive is None
+
+
 @dataclass(frozen=True)
 class Adapter:
     """Declarative description of one architecture family."""
@@ -104,7 +109,7 @@ class Adapter:
         if tap not in CANONICAL_TAPS:
             known = sorted(set(CANONICAL_TAPS) | set(SYNONYMS) | set(self.aliases))
             raise ConfigError(field_name, f"unknown tap '{name}'", allowed=known)
-        if tap not in self.taps and tap not in self.moe_taps:
+        if tap not in self.available():
             why = f" ({self.absent[tap]})" if tap in self.absent else ""
             raise ConfigError(
                 field_name,
@@ -130,15 +135,17 @@ class Adapter:
         pair = ("attn.post_norm", "mlp.post_norm") if post else ("attn.out", "mlp.out")
         return pair + (("ple.out",) if "ple.out" in self.taps else ())
 
+    def _layer_taps(self, layer: int) -> dict[str, TapSpec]:
+        """The tap table of decoder layer `layer`: MoE layers of a model with dense ones have their own."""
+        return self.moe_taps if self.moe_taps and layer in self.moe else self.taps
+
     def has_tap(self, layer: int, tap: str) -> bool:
         """Whether decoder layer `layer` has `tap` (the router taps exist in the MoE layers only)."""
-        return tap in (self.moe_taps if self.moe_taps and layer in self.moe else self.taps)
+        return tap in self._layer_taps(layer)
 
     def tap_spec(self, layer: int, tap: str) -> TapSpec:
-        """Where `tap` lives in decoder layer `layer` (MoE layers of a model with dense ones differ)."""
-        if self.moe_taps and layer in self.moe:
-            return self.moe_taps[tap]
-        return self.taps[tap]
+        """Where `tap` lives in decoder layer `layer`."""
+        return self._layer_taps(layer)[tap]
 
     def adds(self, layer: int) -> tuple[ResidualAdd, ResidualAdd]:
         """The attention and MLP residual adds of `layer`."""
@@ -171,11 +178,11 @@ class Adapter:
     def editable_taps(self) -> list[str]:
         """Taps whose tensor is a whole module input/output that flows on unchanged: the ones an intervention
         can replace. resid.mid is only the MLP norm's input (the residual add keeps its own copy)."""
-        return [
-            t
-            for t in self.available()
-            if t != "resid.mid" and self.taps[t] not in CAPTURED and self.taps[t].derive is None
-        ]
+        return [t for t in self.available() if t != "resid.mid" and all(map(_plain_boundary, self._specs(t)))]
+
+    def _specs(self, tap: str) -> list[TapSpec]:
+        """Where `tap` lives in each tap table that has it (the dense layers', the MoE layers')."""
+        return [table[tap] for table in (self.taps, self.moe_taps) if tap in table]
 
     # ---------------------------------------------------------------- modules
 
