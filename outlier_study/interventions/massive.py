@@ -3,7 +3,7 @@
 The edit is done by hooks that return a new tensor (never writing into the model's own tensor), so the
 model's weights are never touched and leaving the `with` block restores it exactly. In mixture-of-experts
 layers y6/y7 live inside each expert: there the edit runs in the experts implementation
-(`measure/experts.edit_experts`) for one expert, the shared experts, or all of them (the default, so the
+(`measure/experts/edit.py`) for one expert, the shared experts, or all of them (the default, so the
 paper's Table 2 on a MoE model means "in every expert").
 """
 
@@ -27,19 +27,11 @@ from outlier_study.interventions.record import Counted
 from outlier_study.interventions.treatment import Inputs, Treatment
 from outlier_study.measure.experts import EDITABLE, edit_experts
 from outlier_study.measure.hooks import TensorFn, hook_module
-from outlier_study.stats.massive import masked
+from outlier_study.stats.massive import fill_value, masked
 
 if TYPE_CHECKING:
     from outlier_study.adapters.base import Arch
     from outlier_study.models.loader import LoadedModel
-
-
-def fill_value(x: torch.Tensor, value: str) -> torch.Tensor:
-    """The replacement: 0, or each window's mean of the whole tensor x (MAs included), shaped to broadcast."""
-    if value == "zero":
-        return x.new_zeros(())
-    mean = x.reshape(x.shape[0], -1).mean(dim=1, dtype=torch.float32)
-    return mean.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
 def editable_tap(adapter: Adapter, tap: str, field_name: str) -> str:

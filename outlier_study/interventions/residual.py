@@ -23,11 +23,10 @@ from torch import nn
 
 from outlier_study.config.options import opt
 from outlier_study.config.vocab import MAValue
-from outlier_study.interventions.massive import fill_value
 from outlier_study.interventions.record import Counted
 from outlier_study.interventions.treatment import Inputs, Treatment
 from outlier_study.measure.hooks import TensorFn, hook_module
-from outlier_study.stats.massive import masked
+from outlier_study.stats.massive import fill_value, masked
 
 if TYPE_CHECKING:
     from outlier_study.adapters.base import Arch

@@ -83,7 +83,7 @@ def tap_hooks(
 ) -> Iterator[None]:
     """Hook `taps` at `layers` of an unmodified model; all hooks are gone after the block (even on errors).
     Taps on the same module boundary share one hook. In mixture-of-experts layers the expert taps no
-    module hook reaches come through the experts interface (measure/experts.py), pooled over the routed
+    module hook reaches come through the experts interface (measure/experts/), pooled over the routed
     (token, expert) pairs as (B, k, T, C); with `experts` also per expert (`tap@e`, `tap@shared`) and the
     routing load (`moe.routing`)."""
     with ExitStack() as stack:

@@ -2,8 +2,8 @@
 spreads the tokens, and every per-expert statistic with an `expert` column.
 
 A MoE profile holds, beside the layer-level keys, per-expert keys `tap@expert` (an index, or "shared")
-and the routing load `moe.routing` (see measure/experts.py); the layer-level keys keep the tidy tables of
-a dense model (layer_stats.csv, topk.csv) exactly as they are.
+and the routing load `moe.routing` (see measure/experts/capture.py); the layer-level keys keep the tidy
+tables of a dense model (layer_stats.csv, topk.csv) exactly as they are.
 """
 
 from __future__ import annotations

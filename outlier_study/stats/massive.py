@@ -44,6 +44,14 @@ def ma_positions(x: torch.Tensor, ma_abs: float, ma_ratio: float) -> dict[tuple[
     return dict(zip(map(tuple, mask.nonzero().tolist()), x[mask].float().tolist(), strict=True))
 
 
+def fill_value(x: torch.Tensor, value: str) -> torch.Tensor:
+    """The replacement: 0, or each window's mean of the whole tensor x (MAs included), shaped to broadcast."""
+    if value == "zero":
+        return x.new_zeros(())
+    mean = x.reshape(x.shape[0], -1).mean(dim=1, dtype=torch.float32)
+    return mean.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
 def masked(x: torch.Tensor, ma_abs: float, ma_ratio: float) -> torch.Tensor | None:
     """The MA mask of x, or None when no element can be one: one min/max reduction instead of a median per
     window on every hooked tensor of every forward pass, since most hold no MA at all."""
