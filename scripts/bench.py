@@ -157,27 +157,11 @@ def intervention_evaluations(lm: Any, ids: torch.Tensor, batch_size: int) -> flo
     return time.perf_counter() - t
 
 
-def floor(
-    lm: Any, ids: torch.Tensor, taps: list[str], layers: list[int], batch_size: int, read: bool
-) -> None:
-    """All windows through `forward` under the profile's own hooks at `taps`, whose sink only reads each
-    tensor once (`read`) or does nothing: what any statistic at those taps costs at least."""
-    from outlier_study.measure.forward import forward
-    from outlier_study.measure.hooks import tap_hooks
-
-    def sink(_layer: int, _tap: str, x: torch.Tensor, _valid: torch.Tensor | None) -> None:
-        if read:
-            torch.aminmax(x)
-
-    with tap_hooks(lm.model, lm.adapter, taps, layers, sink):
-        for batch in ids.split(batch_size):
-            forward(lm, batch)
-
-
 def runners(lm: Any, ids: torch.Tensor, layers: list[int], batch_size: int) -> dict[str, Callable[[], None]]:
     """plain: all windows through `forward`; full / ma: `profile_windows` on those taps, result included;
     hooks / read_once: the full profile's taps with a sink that does nothing / reads each tensor once."""
     from outlier_study.measure.forward import forward, logits_forward
+    from outlier_study.measure.hooks import tap_hooks
     from outlier_study.measure.perplexity import evaluate_perplexity
     from outlier_study.measure.profiler import profile_channels, profile_windows
     from outlier_study.quant.fake import QuantSpec, fake_quant
@@ -200,11 +184,25 @@ def runners(lm: Any, ids: torch.Tensor, layers: list[int], batch_size: int) -> d
             and None
         )
 
+    def floor(read: bool) -> Callable[[], None]:
+        """`plain` under the profile's own hooks at the full taps, whose sink reads each tensor once with
+        `torch.aminmax` (`read`) or does nothing: what any statistic at those taps costs at least."""
+
+        def sink(_layer: int, _tap: str, x: torch.Tensor, _valid: torch.Tensor | None) -> None:
+            if read:
+                torch.aminmax(x)
+
+        def run() -> None:
+            with tap_hooks(lm.model, lm.adapter, full_taps, layers, sink):
+                plain()
+
+        return run
+
     full_taps = lm.arch.taps(None)
     return {
         "plain": plain,
-        "hooks": lambda: floor(lm, ids, full_taps, layers, batch_size, read=False),
-        "read_once": lambda: floor(lm, ids, full_taps, layers, batch_size, read=True),
+        "hooks": floor(read=False),
+        "read_once": floor(read=True),
         "full": profile(full_taps),
         "ma": profile(lm.arch.taps(MA_TAPS), moments=False),
         "co": lambda: (
