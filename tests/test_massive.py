@@ -14,7 +14,7 @@ from outlier_study.app import run
 from outlier_study.detect.attribution import attribute
 from outlier_study.models.loader import LoadedModel
 from outlier_study.output.files import read_csv
-from outlier_study.stats.massive import ma_mask, ma_positions
+from outlier_study.stats.massive import ma_mask, ma_positions, window_medians
 from tests.helpers import make_cfg
 
 
@@ -29,6 +29,24 @@ def test_rule_finds_nothing_on_gaussian_data() -> None:
     x = torch.randn(4, 512, 256, generator=torch.Generator().manual_seed(1)) * 30
     assert ma_positions(x, 100, 1000) == {}
     assert not ma_mask(x, 100, 1000).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_window_medians_equal_torch_median(dtype: torch.dtype) -> None:
+    """The numpy selection gives torch.median's lower median exactly: odd and even sizes, long runs of ties
+    (the tie-heavy selection path), inf, and nan (a window holding one has a nan median)."""
+    g = torch.Generator().manual_seed(3)
+    cases = [torch.randn(3, 7, generator=g), torch.randn(2, 4096, 8, generator=g)]
+    ties = torch.zeros(2, 40000)
+    ties[0, :19999] = 1.0
+    ties[1, ::3] = 2.0
+    special = torch.randn(3, 9, generator=g)
+    special[0, 2] = float("inf")
+    special[1, 4] = float("nan")
+    for x in [*cases, ties, special]:
+        a = x.abs().to(dtype)
+        expected = a.reshape(a.shape[0], -1).median(dim=1).values
+        torch.testing.assert_close(window_medians(a), expected, rtol=0, atol=0, equal_nan=True)
 
 
 def test_rule_is_relative_to_each_windows_own_median() -> None:

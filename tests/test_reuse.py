@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from outlier_study.app import run
-from outlier_study.models.reuse import ModelReuse
+from outlier_study.models.reuse import ModelReuse, bit_checksum
 from tests.helpers import make_cfg
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -33,6 +33,23 @@ def test_same_config_is_loaded_once_and_edits_that_were_undone_are_fine() -> Non
         w.copy_(saved)  # ... and its bit-exact restore: version counters moved, values did not
     assert _get(reuse, "tiny-llama") is lm
     assert reuse.loads == 1 and reuse.last_reused
+
+
+@pytest.mark.parametrize(
+    ("dtype", "numel"), [(torch.float32, 64), (torch.float32, 3), (torch.bfloat16, 5), (torch.float16, 4)]
+)
+def test_bit_checksum_sees_every_single_bit(dtype: torch.dtype, numel: int) -> None:
+    """Flipping any one bit of any element changes the checksum (sizes whose bytes are no multiple of 8
+    included), and the same bits give the same checksum."""
+    t = torch.randn(numel).to(dtype)
+    base = bit_checksum(t)
+    assert torch.equal(bit_checksum(t.clone()), base)
+    words = t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+    for i in range(numel):
+        for bit in range(8 * t.element_size()):
+            flipped = words.clone()
+            flipped[i] ^= (1 << bit) if bit < 8 * t.element_size() - 1 else -(1 << bit)
+            assert not torch.equal(bit_checksum(flipped.view(dtype)), base), (i, bit)
 
 
 def test_a_model_left_modified_or_hooked_is_loaded_again() -> None:
