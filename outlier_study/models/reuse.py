@@ -33,8 +33,8 @@ def _versions(lm: LoadedModel) -> list[int]:
 
 
 def bit_checksum(t: torch.Tensor) -> torch.Tensor:
-    """Wrapping int64 sum of a tensor's raw bytes read as 8-byte words (1- or 2-byte ones for a size that is no
-    multiple of 8): any changed bit changes it, and unlike a float64 sum it needs no upcast copy of the
+    """Wrapping int64 sum of a tensor's raw bytes read as 8-byte words (1- or 2-byte ones for a size that is
+    no multiple of 8): any changed bit changes it, and unlike a float64 sum it needs no upcast copy of the
     tensor, so a 135M-parameter model is checked in one read instead of a copy and a read."""
     data = t.detach().contiguous().reshape(-1).view(torch.uint8)
     n = data.numel()
