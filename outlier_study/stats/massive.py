@@ -16,6 +16,7 @@ from outlier_study.stats.selection import rank_value, use_numpy_select
 
 _RNG = np.random.default_rng(0)  # rank_value's tie probe only; medians do not depend on it
 
+
 def is_massive(abs_a: Any, median: Any, ma_abs: float, ma_ratio: float) -> Any:
     """The rule on floats, numpy arrays or tensors (broadcasting); a nan median makes nothing massive."""
     return (abs_a > ma_abs) & (abs_a >= ma_ratio * median)
