@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from outlier_study.stats.moments import EMPTY_MOMENTS, Moments, merge_channel_moments, merge_moments
 from outlier_study.stats.selection import rank_value, use_numpy_select
+from outlier_study.stats.tapstats import StatsByTap, TapStats, TopEntry, assemble_stats, combine_groups
+
+# The result types live in stats/tapstats.py (shared with the device reducer); imported from here too.
+__all__ = ["StatsByTap", "TapReducer", "TapStats", "TopEntry", "release_scratch"]
 
 # Above this |a| the float32 fourth powers used for the moments could overflow: such batches go float64.
 _F32_MOMENT_LIMIT = 1e8
@@ -62,48 +65,6 @@ def _scratch(slot: str, numel: int, dtype: torch.dtype, device: torch.device) ->
 def release_scratch() -> None:
     """Free this thread's scratch buffers (e.g. after profiling, before a memory-hungry step)."""
     _scratch_local.buffers = {}
-
-
-@dataclass
-class TopEntry:
-    """One of the k largest |a| with its exact position, so outliers can be traced to tokens/channels."""
-
-    value: float  # signed value
-    abs: float
-    window: int  # global window index
-    token: int
-    channel: int
-
-
-@dataclass
-class TapStats:
-    """Summary of one (layer, tap) over all windows seen so far.
-
-    Quantities that need at least one finite element (max_abs, mean, std, kurtosis, median_abs, channel
-    values of channels without any element) are nan when there is none; counts are 0.
-    `median_abs` is the mean of the per-window medians of |a| (nan medians of all-non-finite windows are
-    ignored), not the median over all windows pooled: the exact pooled median cannot be streamed.
-    """
-
-    n_windows: int
-    n_elements: int  # finite (and valid) elements that entered the statistics
-    nan_count: int
-    inf_count: int
-    max_abs: float
-    top: list[TopEntry]  # k largest |a| over all windows, descending by abs (ties: any order)
-    window_medians: list[float]  # lower median |a| of each window, in window order (nan: no element)
-    median_abs: float  # mean of the non-nan window_medians
-    ma_count: int  # elements with |a| > ma_abs and |a| >= ma_ratio * (their window's median |a|)
-    mean: float
-    std: float  # population std
-    kurtosis: float  # Pearson (non-excess) m4 / m2^2, Gaussian -> 3; nan if m2 == 0
-    channel_mean: np.ndarray | None  # (C,) float64
-    channel_std: np.ndarray | None  # (C,) population std
-    channel_absmax: np.ndarray | None  # (C,)
-    channel_count: np.ndarray | None  # (C,) finite (and valid) values per channel
-
-
-StatsByTap = dict[tuple[int, str], TapStats]  # a profile's result: (layer, tap) -> its statistics
 
 
 def _ceil_to(value: float, dtype: np.dtype) -> float:
@@ -293,17 +254,24 @@ class TapReducer:
         self._top = merged[: self.top_k]
 
     @staticmethod
-    def _block_moments(xb: torch.Tensor, mb: torch.Tensor | None, use64: bool) -> torch.Tensor:
+    def _block_moments(
+        xb: torch.Tensor, mb: torch.Tensor | None, use64: bool, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(count, shift, S1, S2, S3, S4) per channel, float64, where S_p = sum over valid rows of
         (a - shift)^p and shift is the block's float32 channel mean: centring first keeps float32 exact
         enough when a channel's mean dwarfs its spread (1e4 vs 1). Four elementwise passes in reused
-        buffers and five column sums; everything else is (C,)-sized."""
+        buffers and five column sums; everything else is (C,)-sized.
+        `scale` (C,), powers of two, divides the block first and multiplies the sums back in float64: exact,
+        and the float32 fourth powers of huge values cannot overflow (the device path's way, which cannot
+        look at the data to choose float64)."""
         rows, C = xb.shape
         dtype = torch.float64 if use64 else xb.dtype  # fourth powers of |a| > 1e8 overflow float32
         dev = xb.device
         d = _scratch("d", xb.numel(), dtype, dev).view(rows, C)
         d2 = _scratch("d2", xb.numel(), dtype, dev).view(rows, C)
-        if dtype != xb.dtype:
+        if scale is not None:
+            xb = torch.div(xb, scale, out=d2)
+        elif dtype != xb.dtype:
             xb = d2.copy_(xb)
         if mb is None:
             count = torch.full((C,), rows, dtype=dtype, device=dev)
@@ -320,44 +288,26 @@ class TapReducer:
         s2 = d2.sum(0)
         s3 = d.mul_(d2).sum(0)
         s4 = d2.square_().sum(0)
-        return torch.stack([count, shift, s1, s2, s3, s4]).to(torch.float64)
+        sums = torch.stack([count, shift, s1, s2, s3, s4]).to(torch.float64)
+        if scale is not None:
+            s = scale.to(torch.float64)
+            sq = s * s
+            sums[1:] *= torch.stack([s, s, sq, sq * s, sq * sq])
+        return sums
 
     def _merge_moments_and_channels(self, groups: np.ndarray, absmax: list[torch.Tensor]) -> None:
-        """Combine the (G, 6, C) block sums into the batch's global central moments and per-channel
-        (count, mean, M2), then merge those into the running state.
-
-        With f = shift - mean for a group, the group's sum of (a - mean)^p is the binomial expansion
-        sum_q binom(p, q) f^(p-q) S_q (S_0 = count): exact algebra, no float32 left, and an empty group
-        (count, shift and sums all 0) contributes nothing. Dot products keep this to ~20 numpy calls."""
-        G, _, C = groups.shape
-        n, shift, s1, s2, s3, s4 = groups.transpose(1, 0, 2).reshape(6, G * C)
-        n_tot = float(n.sum())
-        if n_tot > 0:
-            mean = float((np.dot(n, shift) + s1.sum()) / n_tot)
-            f = shift - mean
-            f2 = f * f
-            f3 = f2 * f
-            nf = n * f
-            bm2 = float(s2.sum() + 2.0 * np.dot(f, s1) + np.dot(nf, f))
-            bm3 = float(s3.sum() + 3.0 * np.dot(f, s2) + 3.0 * np.dot(f2, s1) + np.dot(nf, f2))
-            bm4 = float(
-                s4.sum() + 4.0 * np.dot(f, s3) + 6.0 * np.dot(f2, s2) + 4.0 * np.dot(f3, s1) + np.dot(nf, f3)
-            )
-            self._moments = merge_moments(self._moments, (n_tot, mean, bm2, bm3, bm4))
-
-        if not self.channel_stats:
+        """Merge the batch's (G, 6, C) block sums (see `combine_groups`) into the running state."""
+        moments, channels = combine_groups(groups, self.channel_stats)
+        self._moments = merge_moments(self._moments, moments)
+        if channels is None:
             return
-        n, shift, s1, s2 = groups[:, 0], groups[:, 1], groups[:, 2], groups[:, 3]
-        n_c = n.sum(axis=0)
-        mean_c = (n * shift + s1).sum(axis=0) / np.maximum(n_c, 1.0)  # the sums are 0 where n_c is
-        f = shift - mean_c
-        m2_c = np.maximum((s2 + f * (2.0 * s1 + n * f)).sum(axis=0), 0.0)
+        C = groups.shape[2]
         # Channels without a valid element carry -1 (_INVALID) here; result() reports them as nan anyway.
         ch_max = (absmax[0] if len(absmax) == 1 else torch.stack(absmax).amax(dim=0)).cpu().numpy()
         if self._ch_count is None:
             self._ch_count, self._ch_mean, self._ch_m2 = np.zeros(C), np.zeros(C), np.zeros(C)
             self._ch_absmax = np.full(C, -np.inf)
-        merged = merge_channel_moments((self._ch_count, self._ch_mean, self._ch_m2), (n_c, mean_c, m2_c))
+        merged = merge_channel_moments((self._ch_count, self._ch_mean, self._ch_m2), channels)
         self._ch_count, self._ch_mean, self._ch_m2 = merged
         self._ch_absmax = np.maximum(self._ch_absmax, ch_max)
 
@@ -406,39 +356,19 @@ class TapReducer:
 
     def result(self) -> TapStats:
         """Snapshot of the statistics so far; copies everything, so later updates are not disturbed."""
-        n, mean, m2, _, m4 = self._moments
-        if n > 0:  # moments skipped: n is 0, so all three are nan
-            std = math.sqrt(m2 / n)
-            kurt = n * m4 / (m2 * m2) if m2 > 0 else math.nan
-        else:
-            mean = std = kurt = math.nan
-        medians = [self._medians[w] for w in sorted(self._medians)]
-        finite_medians = [m for m in medians if not math.isnan(m)]
-        median_abs = sum(finite_medians) / len(finite_medians) if finite_medians else math.nan
-
-        ch_mean = ch_std = ch_absmax = ch_count = None
+        channels = None
         if self.channel_stats and self._ch_count is not None:
-            cnt = self._ch_count
-            has = cnt > 0
-            ch_mean = np.where(has, self._ch_mean, np.nan)
-            ch_std = np.sqrt(np.divide(self._ch_m2, cnt, out=np.full(cnt.shape, np.nan), where=has))
-            ch_absmax = np.where(has, self._ch_absmax, np.nan)
-            ch_count = cnt.astype(np.int64)
-        return TapStats(
+            assert self._ch_mean is not None and self._ch_m2 is not None and self._ch_absmax is not None
+            channels = (self._ch_count, self._ch_mean, self._ch_m2, self._ch_absmax)
+        return assemble_stats(
             n_windows=self._n_windows,
             n_elements=self._count,
             nan_count=self._nan,
             inf_count=self._inf,
-            max_abs=self._max_abs if self._count > 0 else math.nan,
-            top=[TopEntry(e.value, e.abs, e.window, e.token, e.channel) for e in self._top],
-            window_medians=medians,
-            median_abs=median_abs,
+            max_abs=self._max_abs,
+            top=self._top,
+            medians=self._medians,
             ma_count=self._ma,
-            mean=mean,
-            std=std,
-            kurtosis=kurt,
-            channel_mean=ch_mean,
-            channel_std=ch_std,
-            channel_absmax=ch_absmax,
-            channel_count=ch_count,
+            moments=self._moments,
+            channels=channels,
         )
