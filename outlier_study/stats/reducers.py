@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -88,6 +89,59 @@ def _fill_excluded(t: torch.Tensor, keep: torch.Tensor, value: float) -> None:
     torch.where(keep, t, torch.full((), value, dtype=t.dtype, device=t.device), out=t)
 
 
+def check_tap_input(x: torch.Tensor, channels: int | None) -> int:
+    """x must be a floating (B, T, C) tensor with the channel count of earlier updates (None: first)."""
+    if x.dim() != 3:
+        raise ValueError(f"expected a (B, T, C) tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating tensor, got {x.dtype}")
+    if channels is not None and x.shape[2] != channels:
+        raise ValueError(f"channel count changed from {channels} to {x.shape[2]}")
+    return x.shape[2]
+
+
+def iter_chunks(x: torch.Tensor, chunk_elements: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first window, chunk) over whole windows of x (B, T, C), about `chunk_elements` values each. A chunk
+    that is not float32/64 or not contiguous is upcast / compacted into a scratch buffer, one chunk at a
+    time: no full-size float32 copy of the batch. Each chunk is only valid until the next is drawn."""
+    B, T, C = x.shape
+    step = max(1, chunk_elements // (T * C))
+    for lo in range(0, B, step):
+        xc = x[lo : lo + step]
+        if xc.dtype not in (torch.float32, torch.float64) or not xc.is_contiguous():
+            dtype = xc.dtype if xc.dtype == torch.float64 else torch.float32
+            xc = _scratch("x", xc.numel(), dtype, xc.device).view(xc.shape).copy_(xc)
+        yield lo, xc
+
+
+def column_candidates(a: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Window index, channel index and the (k, T) values of the chosen (window, channel) columns of
+    a (B, T, C) (indices flat over B*C): the top-k elements lie in the k columns with the largest max, so
+    only those k*T values are searched instead of a full-tensor topk (which copies everything on CPU)."""
+    C = a.shape[2]
+    b_idx = torch.div(cols, C, rounding_mode="floor")
+    c_idx = cols % C
+    return b_idx, c_idx, a[b_idx, :, c_idx]
+
+
+def top_rows(
+    xc: torch.Tensor,
+    b_idx: torch.Tensor,
+    c_idx: torch.Tensor,
+    vals: torch.Tensor,
+    flat: torch.Tensor,
+    offset: int,
+) -> torch.Tensor:
+    """Rows (abs, value, window, token, channel), float64, of the candidates picked at `flat` (indices into
+    the flattened (k, T) candidates of `column_candidates`) with their |a| `vals`."""
+    T = xc.shape[1]
+    j = torch.div(flat, T, rounding_mode="floor")
+    t_idx = flat % T
+    bb, cc = b_idx[j], c_idx[j]
+    cols = (vals, xc[bb, t_idx, cc], bb + offset, t_idx, cc)
+    return torch.stack([c.to(torch.float64) for c in cols], dim=1)
+
+
 class TapReducer:
     """Streaming statistics of one tap; `update` never keeps a reference to the activation it is fed."""
 
@@ -133,16 +187,9 @@ class TapReducer:
         dtype (float16/bfloat16 are upcast to float32). valid: optional bool tensor broadcastable to x; False
         entries (e.g. masked attention scores) are excluded from EVERY statistic and do not count as elements.
         Non-finite valid entries are counted in nan_count/inf_count and otherwise treated as invalid."""
-        if x.dim() != 3:
-            raise ValueError(f"expected a (B, T, C) tensor, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"expected a floating tensor, got {x.dtype}")
+        self._channels = check_tap_input(x, self._channels)
         x = x.detach()
         B, T, C = x.shape
-        if self._channels is None:
-            self._channels = C
-        elif C != self._channels:
-            raise ValueError(f"channel count changed from {self._channels} to {C}")
         self._n_windows += B
         if x.numel() == 0:
             for b in range(B):
@@ -154,18 +201,11 @@ class TapReducer:
             valid = valid.to(device=x.device, dtype=torch.bool)
             if not bool(valid.view(torch.uint8).min()):  # ~30x faster than valid.all() on CPU
                 mask = valid.expand(B, T, C)
-        step = max(1, _CHUNK_ELEMENTS // (T * C))
         groups: list[torch.Tensor] = []  # (6, C) moment sums per row block, see _block_moments
         absmax: list[torch.Tensor] = []  # (C,) per chunk
         tops: list[torch.Tensor] = []  # (m, 5) top-k candidates per chunk
-        for lo in range(0, B, step):
-            hi = min(B, lo + step)
-            xc = x[lo:hi]
-            if xc.dtype not in (torch.float32, torch.float64) or not xc.is_contiguous():
-                # Upcast / compact one chunk at a time: no full-size float32 copy of the batch.
-                dtype = xc.dtype if xc.dtype == torch.float64 else torch.float32
-                xc = _scratch("x", xc.numel(), dtype, xc.device).view(xc.shape).copy_(xc)
-            chunk_mask = None if mask is None else mask[lo:hi]
+        for lo, xc in iter_chunks(x, _CHUNK_ELEMENTS):
+            chunk_mask = None if mask is None else mask[lo : lo + xc.shape[0]]
             self._update_chunk(xc, chunk_mask, window_offset + lo, groups, absmax, tops)
         if groups:
             self._merge_moments_and_channels(torch.stack(groups).cpu().numpy(), absmax)
@@ -227,21 +267,12 @@ class TapReducer:
         return finite
 
     def _chunk_top(self, xc: torch.Tensor, a: torch.Tensor, wc: torch.Tensor, offset: int) -> torch.Tensor:
-        """Rows (abs, value, window, token, channel). The top-k elements lie in the k (window, channel)
-        columns with the largest column max, so only those k*T values are searched instead of a full-tensor
-        topk (which copies everything on CPU)."""
-        bw, T, C = a.shape
-        kc = min(self.top_k, bw * C)
-        _, col = wc.reshape(-1).topk(kc)
-        b_idx = torch.div(col, C, rounding_mode="floor")
-        c_idx = col % C
-        cand = a[b_idx, :, c_idx]  # (kc, T)
-        vals, flat = cand.reshape(-1).topk(min(self.top_k, kc * T))
-        j = torch.div(flat, T, rounding_mode="floor")
-        t_idx = flat % T
-        bb, cc = b_idx[j], c_idx[j]
-        cols = (vals, xc[bb, t_idx, cc], bb + offset, t_idx, cc)
-        return torch.stack([c.to(torch.float64) for c in cols], dim=1)
+        """Candidate rows of `top_rows`, from the k columns with the largest max (ties: any order)."""
+        bw, _, C = a.shape
+        _, col = wc.reshape(-1).topk(min(self.top_k, bw * C))
+        b_idx, c_idx, cand = column_candidates(a, col)
+        vals, flat = cand.reshape(-1).topk(min(self.top_k, cand.numel()))
+        return top_rows(xc, b_idx, c_idx, vals, flat, offset)
 
     def _merge_top(self, rows: list[list[float]]) -> None:
         new = [
