@@ -14,6 +14,8 @@ import torch
 
 from outlier_study.stats.moments import merge_channel_moments
 
+DeviceMoments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (count, mean, M2) per channel, float64
+
 
 @dataclass(frozen=True)
 class ChannelSummary:
@@ -34,13 +36,13 @@ class ChannelSummary:
 
 
 class ChannelReducer:
-    """Streaming per-channel (count, mean, M2) with Chan's parallel merge; keeps no activation."""
+    """Streaming per-channel (count, mean, M2) with Chan's parallel merge; keeps no activation. The state
+    stays float64 on the input's device and `update` never reads a value back: on a GPU it does not wait
+    for the device; `result()` brings the state to the host once."""
 
     def __init__(self, absolute: bool = False) -> None:
         self.absolute = absolute
-        self._n: np.ndarray | None = None
-        self._mean: np.ndarray | None = None
-        self._m2: np.ndarray | None = None
+        self._state: DeviceMoments | None = None  # on the input's device
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, window_offset: int = 0, valid: torch.Tensor | None = None) -> None:
@@ -59,9 +61,8 @@ class ChannelReducer:
             s1 = (ones @ xd)[0]
             s2 = (ones @ xd.square_())[0]
             mean = s1 / rows
-            n_b = np.full(x.shape[1], float(rows))
-            mean_b = mean.cpu().numpy()
-            m2_b = (s2 - s1 * mean).clamp_(min=0.0).cpu().numpy()
+            n_b = torch.full_like(mean, float(rows))
+            m2_b = (s2 - s1 * mean).clamp_(min=0.0)
         else:
             if self.absolute:
                 x = x.abs()
@@ -72,27 +73,21 @@ class ChannelReducer:
             xz = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
             mean = xz.sum(0) / count.clamp(min=1)
             d = torch.where(keep, x - mean, torch.zeros((), dtype=x.dtype, device=x.device))
-            n_b = count.double().cpu().numpy()
-            mean_b = mean.double().cpu().numpy()
-            m2_b = d.square().sum(0).double().cpu().numpy()
-        self._merge(n_b, mean_b, m2_b)
+            n_b, mean, m2_b = count.double(), mean.double(), d.square().sum(0).double()
+        self._merge((n_b, mean, m2_b))
 
-    def _merge(self, n_b: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
-        if self._n is None:
-            self._n, self._mean, self._m2 = n_b, mean_b, m2_b
+    def _merge(self, batch: DeviceMoments) -> None:
+        if self._state is None:
+            self._state = batch
             return
-        if n_b.shape != self._n.shape:
-            raise ValueError(f"channel count changed from {self._n.shape[0]} to {n_b.shape[0]}")
-        assert self._mean is not None and self._m2 is not None
-        self._n, self._mean, self._m2 = merge_channel_moments(
-            (self._n, self._mean, self._m2), (n_b, mean_b, m2_b)
-        )
+        if batch[0].shape != self._state[0].shape:
+            raise ValueError(f"channel count changed from {self._state[0].shape[0]} to {batch[0].shape[0]}")
+        self._state = merge_channel_moments(self._state, batch)
 
     def result(self) -> ChannelSummary:
-        if self._n is None:
+        if self._state is None:
             raise ValueError("no activation was fed to this reducer")
-        assert self._mean is not None and self._m2 is not None
-        n, mean, m2 = self._n, self._mean, self._m2
+        n, mean, m2 = torch.stack(self._state).cpu().numpy()  # the one transfer to the host
         has = n > 0
         total = float(n.sum())
         tensor_mean = float((n * mean)[has].sum() / total) if total else float("nan")

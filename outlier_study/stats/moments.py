@@ -3,11 +3,15 @@ fourth (Pébay) and per-channel (count, mean, M2) (Chan et al.)."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
+import torch
 
 Moments = tuple[float, float, float, float, float]  # (n, mean, M2, M3, M4); M_p = sum of (a - mean)^p
 EMPTY_MOMENTS: Moments = (0.0, 0.0, 0.0, 0.0, 0.0)
 ChannelMoments = tuple[np.ndarray, np.ndarray, np.ndarray]  # per channel (count, mean, M2), float64
+Array = TypeVar("Array", np.ndarray, torch.Tensor)  # channel state: numpy, or tensors kept on a device
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -34,11 +38,14 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     return (n, mean, m2, m3, m4)
 
 
-def merge_channel_moments(a: ChannelMoments, b: ChannelMoments) -> ChannelMoments:
-    """Chan et al.'s parallel update per channel; a channel without elements in b keeps a's values."""
+def merge_channel_moments(
+    a: tuple[Array, Array, Array], b: tuple[Array, Array, Array]
+) -> tuple[Array, Array, Array]:
+    """Chan et al.'s parallel update per channel; a channel without elements in b keeps a's values. Numpy
+    arrays or tensors alike (element-wise operators only), so a device's state stays on the device."""
     n_a, mean_a, m2_a = a
     n_b, mean_b, m2_b = b
     total = n_a + n_b
-    frac = n_b / np.maximum(total, 1.0)  # counts are whole numbers, so this is n_b / total, or 0 when empty
+    frac = n_b / total.clip(min=1.0)  # counts are whole numbers, so this is n_b / total, or 0 when empty
     delta = mean_b - mean_a
     return total, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac

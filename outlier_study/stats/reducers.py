@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from outlier_study.stats.moments import EMPTY_MOMENTS, Moments, merge_channel_moments, merge_moments
 from outlier_study.stats.selection import rank_value, use_numpy_select
+from outlier_study.stats.tapstats import StatsByTap, TapStats, TopEntry, assemble_stats, combine_groups
+
+# The result types live in stats/tapstats.py (shared with the device reducer); imported from here too.
+__all__ = ["StatsByTap", "TapReducer", "TapStats", "TopEntry", "release_scratch"]
 
 # Above this |a| the float32 fourth powers used for the moments could overflow: such batches go float64.
 _F32_MOMENT_LIMIT = 1e8
@@ -64,48 +68,6 @@ def release_scratch() -> None:
     _scratch_local.buffers = {}
 
 
-@dataclass
-class TopEntry:
-    """One of the k largest |a| with its exact position, so outliers can be traced to tokens/channels."""
-
-    value: float  # signed value
-    abs: float
-    window: int  # global window index
-    token: int
-    channel: int
-
-
-@dataclass
-class TapStats:
-    """Summary of one (layer, tap) over all windows seen so far.
-
-    Quantities that need at least one finite element (max_abs, mean, std, kurtosis, median_abs, channel
-    values of channels without any element) are nan when there is none; counts are 0.
-    `median_abs` is the mean of the per-window medians of |a| (nan medians of all-non-finite windows are
-    ignored), not the median over all windows pooled: the exact pooled median cannot be streamed.
-    """
-
-    n_windows: int
-    n_elements: int  # finite (and valid) elements that entered the statistics
-    nan_count: int
-    inf_count: int
-    max_abs: float
-    top: list[TopEntry]  # k largest |a| over all windows, descending by abs (ties: any order)
-    window_medians: list[float]  # lower median |a| of each window, in window order (nan: no element)
-    median_abs: float  # mean of the non-nan window_medians
-    ma_count: int  # elements with |a| > ma_abs and |a| >= ma_ratio * (their window's median |a|)
-    mean: float
-    std: float  # population std
-    kurtosis: float  # Pearson (non-excess) m4 / m2^2, Gaussian -> 3; nan if m2 == 0
-    channel_mean: np.ndarray | None  # (C,) float64
-    channel_std: np.ndarray | None  # (C,) population std
-    channel_absmax: np.ndarray | None  # (C,)
-    channel_count: np.ndarray | None  # (C,) finite (and valid) values per channel
-
-
-StatsByTap = dict[tuple[int, str], TapStats]  # a profile's result: (layer, tap) -> its statistics
-
-
 def _ceil_to(value: float, dtype: np.dtype) -> float:
     """Smallest `dtype` number >= value, so `a >= result` in that dtype equals `a >= value` exactly."""
     v = dtype.type(value)
@@ -125,6 +87,59 @@ def _floor_to(value: float, dtype: np.dtype) -> float:
 def _fill_excluded(t: torch.Tensor, keep: torch.Tensor, value: float) -> None:
     """t[~keep] = value in place; torch.where is 2-3x faster than masked_fill_ on CPU and needs no ~keep."""
     torch.where(keep, t, torch.full((), value, dtype=t.dtype, device=t.device), out=t)
+
+
+def check_tap_input(x: torch.Tensor, channels: int | None) -> int:
+    """x must be a floating (B, T, C) tensor with the channel count of earlier updates (None: first)."""
+    if x.dim() != 3:
+        raise ValueError(f"expected a (B, T, C) tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating tensor, got {x.dtype}")
+    if channels is not None and x.shape[2] != channels:
+        raise ValueError(f"channel count changed from {channels} to {x.shape[2]}")
+    return x.shape[2]
+
+
+def iter_chunks(x: torch.Tensor, chunk_elements: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first window, chunk) over whole windows of x (B, T, C), about `chunk_elements` values each. A chunk
+    that is not float32/64 or not contiguous is upcast / compacted into a scratch buffer, one chunk at a
+    time: no full-size float32 copy of the batch. Each chunk is only valid until the next is drawn."""
+    B, T, C = x.shape
+    step = max(1, chunk_elements // (T * C))
+    for lo in range(0, B, step):
+        xc = x[lo : lo + step]
+        if xc.dtype not in (torch.float32, torch.float64) or not xc.is_contiguous():
+            dtype = xc.dtype if xc.dtype == torch.float64 else torch.float32
+            xc = _scratch("x", xc.numel(), dtype, xc.device).view(xc.shape).copy_(xc)
+        yield lo, xc
+
+
+def column_candidates(a: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Window index, channel index and the (k, T) values of the chosen (window, channel) columns of
+    a (B, T, C) (indices flat over B*C): the top-k elements lie in the k columns with the largest max, so
+    only those k*T values are searched instead of a full-tensor topk (which copies everything on CPU)."""
+    C = a.shape[2]
+    b_idx = torch.div(cols, C, rounding_mode="floor")
+    c_idx = cols % C
+    return b_idx, c_idx, a[b_idx, :, c_idx]
+
+
+def top_rows(
+    xc: torch.Tensor,
+    b_idx: torch.Tensor,
+    c_idx: torch.Tensor,
+    vals: torch.Tensor,
+    flat: torch.Tensor,
+    offset: int,
+) -> torch.Tensor:
+    """Rows (abs, value, window, token, channel), float64, of the candidates picked at `flat` (indices into
+    the flattened (k, T) candidates of `column_candidates`) with their |a| `vals`."""
+    T = xc.shape[1]
+    j = torch.div(flat, T, rounding_mode="floor")
+    t_idx = flat % T
+    bb, cc = b_idx[j], c_idx[j]
+    cols = (vals, xc[bb, t_idx, cc], bb + offset, t_idx, cc)
+    return torch.stack([c.to(torch.float64) for c in cols], dim=1)
 
 
 class TapReducer:
@@ -172,16 +187,9 @@ class TapReducer:
         dtype (float16/bfloat16 are upcast to float32). valid: optional bool tensor broadcastable to x; False
         entries (e.g. masked attention scores) are excluded from EVERY statistic and do not count as elements.
         Non-finite valid entries are counted in nan_count/inf_count and otherwise treated as invalid."""
-        if x.dim() != 3:
-            raise ValueError(f"expected a (B, T, C) tensor, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"expected a floating tensor, got {x.dtype}")
+        self._channels = check_tap_input(x, self._channels)
         x = x.detach()
         B, T, C = x.shape
-        if self._channels is None:
-            self._channels = C
-        elif C != self._channels:
-            raise ValueError(f"channel count changed from {self._channels} to {C}")
         self._n_windows += B
         if x.numel() == 0:
             for b in range(B):
@@ -193,18 +201,11 @@ class TapReducer:
             valid = valid.to(device=x.device, dtype=torch.bool)
             if not bool(valid.view(torch.uint8).min()):  # ~30x faster than valid.all() on CPU
                 mask = valid.expand(B, T, C)
-        step = max(1, _CHUNK_ELEMENTS // (T * C))
         groups: list[torch.Tensor] = []  # (6, C) moment sums per row block, see _block_moments
         absmax: list[torch.Tensor] = []  # (C,) per chunk
         tops: list[torch.Tensor] = []  # (m, 5) top-k candidates per chunk
-        for lo in range(0, B, step):
-            hi = min(B, lo + step)
-            xc = x[lo:hi]
-            if xc.dtype not in (torch.float32, torch.float64) or not xc.is_contiguous():
-                # Upcast / compact one chunk at a time: no full-size float32 copy of the batch.
-                dtype = xc.dtype if xc.dtype == torch.float64 else torch.float32
-                xc = _scratch("x", xc.numel(), dtype, xc.device).view(xc.shape).copy_(xc)
-            chunk_mask = None if mask is None else mask[lo:hi]
+        for lo, xc in iter_chunks(x, _CHUNK_ELEMENTS):
+            chunk_mask = None if mask is None else mask[lo : lo + xc.shape[0]]
             self._update_chunk(xc, chunk_mask, window_offset + lo, groups, absmax, tops)
         if groups:
             self._merge_moments_and_channels(torch.stack(groups).cpu().numpy(), absmax)
@@ -266,21 +267,12 @@ class TapReducer:
         return finite
 
     def _chunk_top(self, xc: torch.Tensor, a: torch.Tensor, wc: torch.Tensor, offset: int) -> torch.Tensor:
-        """Rows (abs, value, window, token, channel). The top-k elements lie in the k (window, channel)
-        columns with the largest column max, so only those k*T values are searched instead of a full-tensor
-        topk (which copies everything on CPU)."""
-        bw, T, C = a.shape
-        kc = min(self.top_k, bw * C)
-        _, col = wc.reshape(-1).topk(kc)
-        b_idx = torch.div(col, C, rounding_mode="floor")
-        c_idx = col % C
-        cand = a[b_idx, :, c_idx]  # (kc, T)
-        vals, flat = cand.reshape(-1).topk(min(self.top_k, kc * T))
-        j = torch.div(flat, T, rounding_mode="floor")
-        t_idx = flat % T
-        bb, cc = b_idx[j], c_idx[j]
-        cols = (vals, xc[bb, t_idx, cc], bb + offset, t_idx, cc)
-        return torch.stack([c.to(torch.float64) for c in cols], dim=1)
+        """Candidate rows of `top_rows`, from the k columns with the largest max (ties: any order)."""
+        bw, _, C = a.shape
+        _, col = wc.reshape(-1).topk(min(self.top_k, bw * C))
+        b_idx, c_idx, cand = column_candidates(a, col)
+        vals, flat = cand.reshape(-1).topk(min(self.top_k, cand.numel()))
+        return top_rows(xc, b_idx, c_idx, vals, flat, offset)
 
     def _merge_top(self, rows: list[list[float]]) -> None:
         new = [
@@ -293,17 +285,24 @@ class TapReducer:
         self._top = merged[: self.top_k]
 
     @staticmethod
-    def _block_moments(xb: torch.Tensor, mb: torch.Tensor | None, use64: bool) -> torch.Tensor:
+    def _block_moments(
+        xb: torch.Tensor, mb: torch.Tensor | None, use64: bool, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(count, shift, S1, S2, S3, S4) per channel, float64, where S_p = sum over valid rows of
         (a - shift)^p and shift is the block's float32 channel mean: centring first keeps float32 exact
         enough when a channel's mean dwarfs its spread (1e4 vs 1). Four elementwise passes in reused
-        buffers and five column sums; everything else is (C,)-sized."""
+        buffers and five column sums; everything else is (C,)-sized.
+        `scale` (C,), powers of two, divides the block first and multiplies the sums back in float64: exact,
+        and the float32 fourth powers of huge values cannot overflow (the device path's way, which cannot
+        look at the data to choose float64)."""
         rows, C = xb.shape
         dtype = torch.float64 if use64 else xb.dtype  # fourth powers of |a| > 1e8 overflow float32
         dev = xb.device
         d = _scratch("d", xb.numel(), dtype, dev).view(rows, C)
         d2 = _scratch("d2", xb.numel(), dtype, dev).view(rows, C)
-        if dtype != xb.dtype:
+        if scale is not None:
+            xb = torch.div(xb, scale, out=d2)
+        elif dtype != xb.dtype:
             xb = d2.copy_(xb)
         if mb is None:
             count = torch.full((C,), rows, dtype=dtype, device=dev)
@@ -320,44 +319,26 @@ class TapReducer:
         s2 = d2.sum(0)
         s3 = d.mul_(d2).sum(0)
         s4 = d2.square_().sum(0)
-        return torch.stack([count, shift, s1, s2, s3, s4]).to(torch.float64)
+        sums = torch.stack([count, shift, s1, s2, s3, s4]).to(torch.float64)
+        if scale is not None:
+            s = scale.to(torch.float64)
+            sq = s * s
+            sums[1:] *= torch.stack([s, s, sq, sq * s, sq * sq])
+        return sums
 
     def _merge_moments_and_channels(self, groups: np.ndarray, absmax: list[torch.Tensor]) -> None:
-        """Combine the (G, 6, C) block sums into the batch's global central moments and per-channel
-        (count, mean, M2), then merge those into the running state.
-
-        With f = shift - mean for a group, the group's sum of (a - mean)^p is the binomial expansion
-        sum_q binom(p, q) f^(p-q) S_q (S_0 = count): exact algebra, no float32 left, and an empty group
-        (count, shift and sums all 0) contributes nothing. Dot products keep this to ~20 numpy calls."""
-        G, _, C = groups.shape
-        n, shift, s1, s2, s3, s4 = groups.transpose(1, 0, 2).reshape(6, G * C)
-        n_tot = float(n.sum())
-        if n_tot > 0:
-            mean = float((np.dot(n, shift) + s1.sum()) / n_tot)
-            f = shift - mean
-            f2 = f * f
-            f3 = f2 * f
-            nf = n * f
-            bm2 = float(s2.sum() + 2.0 * np.dot(f, s1) + np.dot(nf, f))
-            bm3 = float(s3.sum() + 3.0 * np.dot(f, s2) + 3.0 * np.dot(f2, s1) + np.dot(nf, f2))
-            bm4 = float(
-                s4.sum() + 4.0 * np.dot(f, s3) + 6.0 * np.dot(f2, s2) + 4.0 * np.dot(f3, s1) + np.dot(nf, f3)
-            )
-            self._moments = merge_moments(self._moments, (n_tot, mean, bm2, bm3, bm4))
-
-        if not self.channel_stats:
+        """Merge the batch's (G, 6, C) block sums (see `combine_groups`) into the running state."""
+        moments, channels = combine_groups(groups, self.channel_stats)
+        self._moments = merge_moments(self._moments, moments)
+        if channels is None:
             return
-        n, shift, s1, s2 = groups[:, 0], groups[:, 1], groups[:, 2], groups[:, 3]
-        n_c = n.sum(axis=0)
-        mean_c = (n * shift + s1).sum(axis=0) / np.maximum(n_c, 1.0)  # the sums are 0 where n_c is
-        f = shift - mean_c
-        m2_c = np.maximum((s2 + f * (2.0 * s1 + n * f)).sum(axis=0), 0.0)
+        C = groups.shape[2]
         # Channels without a valid element carry -1 (_INVALID) here; result() reports them as nan anyway.
         ch_max = (absmax[0] if len(absmax) == 1 else torch.stack(absmax).amax(dim=0)).cpu().numpy()
         if self._ch_count is None:
             self._ch_count, self._ch_mean, self._ch_m2 = np.zeros(C), np.zeros(C), np.zeros(C)
             self._ch_absmax = np.full(C, -np.inf)
-        merged = merge_channel_moments((self._ch_count, self._ch_mean, self._ch_m2), (n_c, mean_c, m2_c))
+        merged = merge_channel_moments((self._ch_count, self._ch_mean, self._ch_m2), channels)
         self._ch_count, self._ch_mean, self._ch_m2 = merged
         self._ch_absmax = np.maximum(self._ch_absmax, ch_max)
 
@@ -406,39 +387,19 @@ class TapReducer:
 
     def result(self) -> TapStats:
         """Snapshot of the statistics so far; copies everything, so later updates are not disturbed."""
-        n, mean, m2, _, m4 = self._moments
-        if n > 0:  # moments skipped: n is 0, so all three are nan
-            std = math.sqrt(m2 / n)
-            kurt = n * m4 / (m2 * m2) if m2 > 0 else math.nan
-        else:
-            mean = std = kurt = math.nan
-        medians = [self._medians[w] for w in sorted(self._medians)]
-        finite_medians = [m for m in medians if not math.isnan(m)]
-        median_abs = sum(finite_medians) / len(finite_medians) if finite_medians else math.nan
-
-        ch_mean = ch_std = ch_absmax = ch_count = None
+        channels = None
         if self.channel_stats and self._ch_count is not None:
-            cnt = self._ch_count
-            has = cnt > 0
-            ch_mean = np.where(has, self._ch_mean, np.nan)
-            ch_std = np.sqrt(np.divide(self._ch_m2, cnt, out=np.full(cnt.shape, np.nan), where=has))
-            ch_absmax = np.where(has, self._ch_absmax, np.nan)
-            ch_count = cnt.astype(np.int64)
-        return TapStats(
+            assert self._ch_mean is not None and self._ch_m2 is not None and self._ch_absmax is not None
+            channels = (self._ch_count, self._ch_mean, self._ch_m2, self._ch_absmax)
+        return assemble_stats(
             n_windows=self._n_windows,
             n_elements=self._count,
             nan_count=self._nan,
             inf_count=self._inf,
-            max_abs=self._max_abs if self._count > 0 else math.nan,
-            top=[TopEntry(e.value, e.abs, e.window, e.token, e.channel) for e in self._top],
-            window_medians=medians,
-            median_abs=median_abs,
+            max_abs=self._max_abs,
+            top=self._top,
+            medians=self._medians,
             ma_count=self._ma,
-            mean=mean,
-            std=std,
-            kurtosis=kurt,
-            channel_mean=ch_mean,
-            channel_std=ch_std,
-            channel_absmax=ch_absmax,
-            channel_count=ch_count,
+            moments=self._moments,
+            channels=channels,
         )

@@ -115,9 +115,9 @@ def _record_pooled(
         tok, slot = routed.rows(e)
         pooled[tok // t, slot, tok % t] = routed.taps(e)[tap].to(pooled.dtype)
     sentinel = routed.idx >= num
-    valid = None
-    if bool(sentinel.any()):
-        valid = (~sentinel).view(b, t, k).permute(0, 2, 1)[..., None]
+    valid: torch.Tensor | None = (~sentinel).view(b, t, k).permute(0, 2, 1)[..., None]
+    if pooled.device.type == "cpu" and not bool(sentinel.any()):
+        valid = None  # spares the reducers a mask; on a GPU this check would wait for the device
     sink(layer, tap, pooled, valid)
 
 
