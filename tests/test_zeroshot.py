@@ -1,5 +1,5 @@
 """Zero-shot accuracy through lm-evaluation-harness on the in-memory model (eval.*), with the local task of
-tests/data/lm_eval_tasks (a 12-question multiple-choice jsonl)."""
+tests/data/lm_eval_tasks (a 12-question multiple-choice jsonl), and the 2048-token WikiText-2 preset."""
 
 from __future__ import annotations
 
@@ -181,6 +181,25 @@ def test_wandb_summary_and_tables_carry_the_scores(tmp_path: Path, monkeypatch: 
     scores = {k: v for k, v in metrics.items() if k.startswith("eval.outlier_mc.")}
     assert len(scores) == 5 and all(wandb_run.summary[k] == v for k, v in scores.items())
     assert "tables/zeroshot" in wandb_run.summary
+
+
+def test_the_2048_token_wikitext2_preset_runs_and_is_recorded(tmp_path: Path) -> None:
+    preset = typed_cfg("dataset=wikitext2_2048").dataset
+    assert (preset.name, preset.seq_len, preset.n_windows, str(preset.sampling)) == (
+        "wikitext2",
+        2048,
+        100,
+        "contiguous",
+    )
+    raw = tmp_path / "wiki.test.raw"
+    raw.write_text(" = Heading = \n\n Some article text about outliers , with spaces before commas . \n" * 90)
+    overrides = ("dataset=wikitext2_2048", f"dataset.path={raw}", "+model.arch.max_position_embeddings=2048")
+    job, metrics = _job(tmp_path, "w2048", "experiment=quant", "quant=w8a8", *overrides, small=())
+    assert metrics["dataset.seq_len"] == 2048 and metrics["dataset.n_windows"] == 2
+    assert metrics["n_tokens"] == 2 * 2047
+    assert json.loads((job / "perplexity.json").read_text())["protocol"]["seq_len"] == 2048
+    header, row = (job / "tables" / "quant.csv").read_text().splitlines()
+    assert header == "dataset,seq_len,method,W8A8" and row.startswith("wikitext2,2048,none,")
 
 
 @pytest.mark.real

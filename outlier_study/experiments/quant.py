@@ -112,9 +112,14 @@ def _write_tables(
     after: Profile,
 ) -> str:
     """tables/quant (the cell), quant_error (per linear) and kurtosis (per layer × tap); returns the cell."""
+    data = ctx.cfg.dataset
     cell = write_table(
         ctx.tables_dir,
-        Table.of("quant", ["dataset", "method", label], [[ctx.cfg.dataset.name, method, f"{ppl:.3f}"]]),
+        Table.of(
+            "quant",
+            ["dataset", "seq_len", "method", label],
+            [[data.name, int(data.seq_len), method, f"{ppl:.3f}"]],
+        ),
     )
     error_rows = [[layer, path, f"{err:.6g}"] for (layer, path), err in errors.items()]
     write_table(ctx.tables_dir, Table.of("quant_error", ["layer", "linear", "rel_error"], error_rows))
@@ -212,6 +217,8 @@ def run(ctx: Context) -> dict[str, Any]:
         "mean_nll": result.mean_nll,
         "n_tokens": result.n_tokens,
         "dataset": str(cfg.dataset.name),
+        "dataset.seq_len": int(cfg.dataset.seq_len),
+        "dataset.n_windows": int(cfg.dataset.n_windows),
         **spec.summary(),
         "method": method_name,
         **method_summary,
