@@ -135,7 +135,7 @@ def prepare_tasks(options: Any) -> list[Any]:
                 loaded = manager.load([str(name)])
         except Exception as err:  # lm-eval and datasets raise many kinds; any is bad input here
             reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
-            raise ConfigError("eval.tasks", f"task '{name}': its data cannot be read ({reason})") from None
+            raise ConfigError("eval.tasks", f"task '{name}' fails to load with its data ({reason})") from None
         group = loaded.get("groups", {}).get(str(name))
         prepared += [group] if group is not None else list(loaded["tasks"].values())
     return prepared
