@@ -208,5 +208,5 @@ def test_smollm2_through_lm_eval_is_the_direct_computation_and_beats_chance(smol
     before = snapshot(smollm2)
     acc, acc_norm = _scores(_zeroshot(smollm2))
     assert (acc, acc_norm) == direct_accuracy(smollm2)
-    assert acc >= 0.5  # 12 easy questions of 2-4 choices: chance is about 0.35
+    assert acc >= 0.5  # 12 easy questions of 2-4 choices: chance is 0.33
     assert_bit_exact(smollm2, before)
