@@ -51,7 +51,7 @@ OUT ?= outputs
 SWEEP ?= $(MODEL)_$(DATASET)
 PAPER_OUT ?= outputs/paper
 PAPER_ITEMS := table1 table2 table3 table45 table6 fig4 fig5 fig6 fig7 fig8 fig9
-DATA_ARGS = dataset=$(DATASET) $(if $(and $(filter wikitext2,$(DATASET)),$(wildcard $(WIKITEXT))),dataset.path=$(abspath $(WIKITEXT)))
+DATA_ARGS = dataset=$(DATASET) $(if $(and $(filter wikitext2%,$(DATASET)),$(wildcard $(WIKITEXT))),dataset.path=$(abspath $(WIKITEXT)))
 # One multirun per item (so LAUNCHER=slurm fans out, a rerun resumes and skips finished jobs), then collect.
 paper_item = HF_HUB_OFFLINE=1 $(VENV)/bin/outlier-study -m experiment=$(1) model=$(MODEL) $(DATA_ARGS) \
 	$(2) hydra/launcher=$(LAUNCHER) paths.output_root=$(OUT) paths.sweep=$(SWEEP) progress=false $(ARGS) \

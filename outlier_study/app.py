@@ -18,6 +18,7 @@ from outlier_study.data import build_windows, load_corpus
 from outlier_study.errors import ConfigError
 from outlier_study.experiments import EXPERIMENTS
 from outlier_study.measure.checkpoints import remove_checkpoints
+from outlier_study.measure.zeroshot import prepare_tasks
 from outlier_study.models.loader import describe_model
 from outlier_study.models.reuse import MODELS
 from outlier_study.output.files import write_json, write_text
@@ -68,6 +69,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> Path:
         text = load_corpus(cfg.dataset)
         tokenizer = MODELS.tokenizer(cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache)
         windows = build_windows(cfg.dataset, tokenizer, text)  # a corpus too short fails before the weights
+        tasks = prepare_tasks(cfg.eval) if cfg.eval.tasks else None  # lm-eval's task data, before them too
         torch.manual_seed(cfg.seed)
         lm = MODELS.get(cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache, cfg.reuse_models, tokenizer)
         entry = EXPERIMENTS.get(cfg.experiment.name)
@@ -77,7 +79,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> Path:
             environment({"model": lm.info, "model_reused": MODELS.last_reused, "experiment": item}),
         )
         write_json(job_dir / "windows.json", {**windows.protocol, "starts": windows.starts})
-        ctx = Context(cfg=cfg, lm=lm, windows=windows, taps=plan.taps, layers=plan.layers, job_dir=job_dir)
+        ctx = Context(cfg, lm, windows, plan.taps, plan.layers, job_dir, zeroshot_tasks=tasks)
         metrics = entry.run(ctx)
         write_json(job_dir / "metrics.json", metrics)
         track(cfg, job_dir)  # W&B mirrors the files just written; its failures never fail the job

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -19,6 +20,7 @@ class Context:
     taps: list[str]
     layers: list[int]
     job_dir: Path
+    zeroshot_tasks: list[Any] | None = None  # lm-eval's tasks of eval.tasks, their data read (None: none)
 
     def experiment_layer(self) -> int:
         """`experiment.layer` as an index from 0 (negative counts from the end), checked against the model."""

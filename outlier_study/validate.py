@@ -96,6 +96,9 @@ def typed_config(cfg: DictConfig) -> DictConfig:
     from outlier_study.sweep.tracker import check_config as check_logger
 
     check_logger(root)
+    from outlier_study.measure.zeroshot import include_folder
+
+    include_folder(root.eval)  # a missing folder is refused before the tasks are looked up in it
     return root
 
 
@@ -111,6 +114,8 @@ def _is_default(cfg: DictConfig, group: str) -> bool:
     """Whether an option group is left at its neutral choice (the unmodified model, no quantization)."""
     if group == "quant":
         return OmegaConf.to_container(cfg.quant) == OmegaConf.to_container(OmegaConf.structured(QuantConfig))
+    if group == "eval":
+        return len(cfg.eval.tasks) == 0
     return str(cfg[group].name) == "none"
 
 
@@ -128,7 +133,7 @@ def check_for_model(cfg: DictConfig, arch: Arch) -> Plan:
         )
     registries = option_registries()
     experiment = registries["experiment"].get(cfg.experiment.name)
-    for group in ("intervention", "method", "quant"):
+    for group in ("intervention", "method", "quant", "eval"):
         if group not in experiment.uses and not _is_default(cfg, group):
             users = [n for n, e in registries["experiment"].items() if group in e.uses]
             raise ConfigError(
@@ -143,4 +148,8 @@ def check_for_model(cfg: DictConfig, arch: Arch) -> Plan:
         entry = registries[group].get(cfg[group].name)
         if group in experiment.uses and entry.check is not None:
             entry.check(cfg[group], cfg, arch)
+    if cfg.eval.tasks:
+        from outlier_study.measure.zeroshot import check_tasks
+
+        check_tasks(cfg.eval)
     return Plan(taps=taps, layers=layers)

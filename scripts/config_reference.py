@@ -21,7 +21,7 @@ from outlier_study.config.options import bound_text, field_doc, item_schema
 from outlier_study.config.schema import RootConfig
 from outlier_study.validate import option_registries
 
-DATA_GROUPS = ("model", "dataset", "threshold", "quant", "logger", "paths")
+DATA_GROUPS = ("model", "dataset", "threshold", "quant", "eval", "logger", "paths")
 OPTION_GROUPS = ("experiment", "intervention", "method")
 
 

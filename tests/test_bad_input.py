@@ -23,11 +23,13 @@ from pathlib import Path
 import pytest
 
 from outlier_study import cli
+from tests.helpers import REPO
 
 TINY = "model=tiny-llama"
 SMALL = ("dataset.seq_len=32", "dataset.n_windows=2")
 Case = tuple[str, tuple[str, ...], dict[str, str], str]
 WEIGHTS = ("experiment=perplexity", "intervention=weights")
+QUANT_EVAL = (TINY, "experiment=quant", "eval.include_path={lm_eval_tasks}")
 ENTRY = "intervention.weights=[{layer:0,matrix:down,row:1}]"
 
 
@@ -43,6 +45,7 @@ CASES: list[Case] = [
     ("unknown-logger", ("logger=mlflow",), {}, "logger"),
     ("unknown-launcher", ("hydra/launcher=k8s",), {}, "hydra/launcher"),
     ("unknown-paths", ("paths=scratch",), {}, "paths"),
+    ("unknown-eval", ("eval=mmlu",), {}, "eval"),
     # --- a key that no schema knows (with or without +), or one of another option
     ("root-key-plus", ("+foo=1",), {}, "foo"),
     ("root-key", ("seeed=1",), {}, "seeed"),
@@ -384,6 +387,24 @@ CASES: list[Case] = [
     ("unused-method", (TINY, "experiment=table2", "method=rotation"), {}, "method"),
     ("unused-quant", (TINY, "quant=w8a8"), {}, "quant"),
     ("unused-quant-key", (TINY, "experiment=table1", "quant.w_bits=4"), {}, "quant"),
+    ("unused-eval", (TINY, "eval=zeroshot"), {}, "eval"),
+    # --- zero-shot evaluation: options, then task names and data, all before the weights load
+    ("eval-key", ("eval.task=[piqa]",), {}, "eval.task"),
+    ("eval-tasks-text", ("eval.tasks=piqa",), {}, "eval.tasks"),
+    ("eval-limit-zero", ("eval.limit=0",), {}, "eval.limit"),
+    ("eval-limit-fraction", ("eval.limit=0.5",), {}, "eval.limit"),
+    ("eval-batch-zero", ("eval.batch_size=0",), {}, "eval.batch_size"),
+    ("eval-fewshot-negative", ("eval.num_fewshot=-1",), {}, "eval.num_fewshot"),
+    ("eval-include-missing", ("eval.include_path=/nonexistent",), {}, "eval.include_path"),
+    ("eval-include-file", ("eval.include_path={text}",), {}, "eval.include_path"),
+    ("eval-task-unknown", (*QUANT_EVAL, "eval.tasks=[outlier_mcq]"), {}, "eval.tasks"),
+    ("eval-task-twice", (*QUANT_EVAL, "eval.tasks=[outlier_mc,outlier_mc]"), {}, "eval.tasks"),
+    (
+        "eval-task-data",
+        (TINY, "experiment=perplexity", "eval.tasks=[broken_mc]", "eval.include_path={broken_tasks}"),
+        {},
+        "eval.tasks",
+    ),
     # --- corpora
     ("local-no-path", (TINY, "dataset=local_text"), {}, "dataset.path"),
     ("local-missing", (TINY, "dataset=local_text", "dataset.path=/nonexistent.txt"), {}, "dataset.path"),
@@ -465,6 +486,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     put("random_gguf.gguf", os.urandom(4096))
     (root / "empty_dir").mkdir()
     made["empty_dir"] = root / "empty_dir"
+    made["lm_eval_tasks"] = REPO / "tests" / "data" / "lm_eval_tasks"
+    (root / "broken_tasks").mkdir()
+    task = "task: broken_mc\ndataset_path: json\noutput_type: multiple_choice\n"
+    data = "dataset_kwargs: {data_files: {test: /nonexistent/mc.jsonl}}\n"  # a data file that is not there
+    (root / "broken_tasks" / "broken_mc.yaml").write_text(task + data)
+    made["broken_tasks"] = root / "broken_tasks"
     for name, text in (("bad_config", "{not json"), ("mamba_config", json.dumps({"model_type": "mamba"}))):
         (root / name).mkdir()
         (root / name / "config.json").write_text(text)

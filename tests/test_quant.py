@@ -495,7 +495,7 @@ def test_quant_experiment_writes_its_results(tmp_path: Path) -> None:
     for s in calib["starts"]:
         assert all(s + text_len <= e or e + text_len <= s for e in evaluation["starts"])
     header = (job / "tables" / "quant.csv").read_text().splitlines()[0]
-    assert header == "dataset,method,W4A8"
+    assert header == "dataset,seq_len,method,W4A8"
     co_layers = json.loads((job / "perplexity.json").read_text())["extra"]["co_layers"]
     assert isinstance(co_layers, list) and set(co_layers) <= {0, 1, 2}  # tiny-llama has 3 layers
 

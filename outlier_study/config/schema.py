@@ -91,6 +91,22 @@ class QuantConfig:
 
 
 @dataclass
+class EvalConfig:
+    name: str = opt("none", "label of the evaluation in results: none | zeroshot | a user's own")
+    tasks: list[str] = opt(
+        [], "lm-evaluation-harness task, group or tag names; [] = no zero-shot evaluation (quant, perplexity)"
+    )
+    limit: int | None = opt(None, "first N examples of each task (lm-eval's --limit); null: all", ge=1)
+    num_fewshot: int = opt(0, "examples in each prompt (0 = zero-shot, overriding the task's default)", ge=0)
+    batch_size: int = opt(
+        1, "requests per forward; 1 adds no padding, which per-tensor rules and scales would see", ge=1
+    )
+    include_path: str | None = opt(
+        None, "a folder of the user's own lm-eval task YAML files (lm-eval's --include_path)"
+    )
+
+
+@dataclass
 class LoggerConfig:
     name: str = opt("none", "none | wandb")
     project: str | None = opt(None, "W&B project; required online (offline: recorded as outlier-study)")
@@ -127,6 +143,7 @@ class RootConfig:
     intervention: Any = opt(MISSING, "what is done to the model while it runs (config group intervention/)")
     quant: QuantConfig = opt(QuantConfig(), "fake quantization setting (config group quant/)")
     method: Any = opt(MISSING, "outlier handling before quantization (config group method/)")
+    eval: EvalConfig = opt(EvalConfig(), "zero-shot accuracy through lm-eval (config group eval/)")
     logger: LoggerConfig = opt(LoggerConfig(), "Weights & Biases mirroring (config group logger/)")
     paths: PathsConfig = opt(PathsConfig(), "output and cache folders (config group paths/)")
     taps: list[str] | None = opt(

@@ -3,6 +3,7 @@ streamed profiles with the job's thresholds, token labels. Experiments never imp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,10 @@ from outlier_study.measure.checkpoints import WindowCheckpoint, checkpoint_path
 from outlier_study.measure.forward import forward_windows
 from outlier_study.measure.perplexity import Perplexity, evaluate_perplexity
 from outlier_study.measure.profiler import ChannelsByTap, Profile, profile_channels, profile_windows
+from outlier_study.measure.zeroshot import ZeroShot
+from outlier_study.output.files import write_json
 from outlier_study.output.perplexity_file import evaluation, write_perplexity
+from outlier_study.output.tables import Table, write_table
 from outlier_study.sweep.resume import config_fingerprint
 
 
@@ -58,6 +62,29 @@ def record_perplexity(
         for label, (r, changed, setting) in evaluations.items()
     ]
     write_perplexity(ctx.job_dir, str(ctx.cfg.experiment.name), protocol(ctx), rows, extra)
+
+
+def zeroshot(ctx: Context) -> Callable[[str], dict[str, Any]]:
+    """The job's zero-shot evaluation (eval.tasks) as a function of its setting's label, to be called under
+    the treatment; lm-eval's wrapper is built here, before the treatment applies (see `ZeroShot`). It
+    writes zeroshot.json and tables/zeroshot and returns the `eval.*` metrics ({} when eval.tasks is [])."""
+    if not ctx.zeroshot_tasks:
+        return lambda setting: {}
+    evaluator = ZeroShot(ctx.lm, ctx.cfg.eval, ctx.zeroshot_tasks, int(ctx.cfg.seed))
+
+    def run(setting: str) -> dict[str, Any]:
+        result = evaluator.evaluate()
+        rows = [[setting, *row] for row in result.rows()]
+        header = ["setting", "task", "metric", "value", "stderr", "n_samples"]
+        markdown = write_table(ctx.tables_dir, Table.of("zeroshot", header, rows))
+        protocol = {**result.protocol, "model": ctx.cfg.model.name, "dtype": str(ctx.cfg.dtype)}
+        record = {"setting": setting, "protocol": protocol, "scores": result.scores}
+        write_json(ctx.job_dir / "zeroshot.json", {**record, "n_samples": result.n_samples})
+        print(f"\nzero-shot accuracy ({setting}, lm-eval {protocol['lm_eval']}):\n{markdown}")
+        keys = ("name", "lm_eval", "tasks", "limit", "num_fewshot", "batch_size", "include_path")
+        return {**{f"eval.{k}": result.protocol[k] for k in keys}, **result.metrics()}
+
+    return run
 
 
 def profile(

@@ -20,7 +20,7 @@ from outlier_study.data.windows import calibration_windows
 from outlier_study.detect.select import detect_cos
 from outlier_study.errors import require
 from outlier_study.experiments.base import experiment
-from outlier_study.experiments.common import profile, record_perplexity
+from outlier_study.experiments.common import profile, record_perplexity, zeroshot
 from outlier_study.interventions.treatment import Inputs
 from outlier_study.measure.forward import forward_windows
 from outlier_study.measure.perplexity import evaluate_perplexity
@@ -112,9 +112,14 @@ def _write_tables(
     after: Profile,
 ) -> str:
     """tables/quant (the cell), quant_error (per linear) and kurtosis (per layer × tap); returns the cell."""
+    data = ctx.cfg.dataset
     cell = write_table(
         ctx.tables_dir,
-        Table.of("quant", ["dataset", "method", label], [[ctx.cfg.dataset.name, method, f"{ppl:.3f}"]]),
+        Table.of(
+            "quant",
+            ["dataset", "seq_len", "method", label],
+            [[data.name, int(data.seq_len), method, f"{ppl:.3f}"]],
+        ),
     )
     error_rows = [[layer, path, f"{err:.6g}"] for (layer, path), err in errors.items()]
     write_table(ctx.tables_dir, Table.of("quant_error", ["layer", "linear", "rel_error"], error_rows))
@@ -160,9 +165,10 @@ def _error_figure(
     QuantOptions,
     paper="",
     description="perplexity under fake quantization (quant group) with one outlier method (method group); "
-    "per-layer relative quantization error of every linear; activation kurtosis before/after the method",
+    "per-layer relative quantization error of every linear; activation kurtosis before/after the method; "
+    "zero-shot accuracy through lm-eval when eval.tasks names tasks",
     check=_check,
-    uses=("quant", "method"),
+    uses=("quant", "method", "eval"),
 )
 def run(ctx: Context) -> dict[str, Any]:
     cfg, lm = ctx.cfg, ctx.lm
@@ -177,11 +183,14 @@ def run(ctx: Context) -> dict[str, Any]:
     before = _profile(ctx, diag_ids, taps, "kurtosis (original)")
     co_layers = _co_layers(ctx, diag_ids, taps)
     inputs = Inputs(lm, cfg.method, ctx.threshold, calibration, batch_size, progress)
+    accuracy = zeroshot(ctx)  # lm-eval's wrapper, built before the method applies
     with method.apply(inputs) as change:
         with fake_quant(lm, spec):
             desc = f"perplexity ({method_name}, {spec.label})"
             result = evaluate_perplexity(lm, ctx.windows.input_ids, batch_size, progress, desc)
-        method_summary = change.summary("method", detail=False)  # before the diagnostics add to its counts
+            # the counts of the perplexity windows, before zero-shot and the diagnostics add to them
+            method_summary, changed = change.summary("method", detail=False), change.total
+            scores = accuracy(f"{method_name} {spec.label}")
         after = (
             before if method_name == "none" else _profile(ctx, diag_ids, taps, f"kurtosis ({method_name})")
         )
@@ -194,7 +203,7 @@ def run(ctx: Context) -> dict[str, Any]:
     setting = {**spec.summary(), "method": method_name, **method_summary}
     record_perplexity(
         ctx,
-        {f"{method_name} {spec.label}": (result, change.total, setting)},
+        {f"{method_name} {spec.label}": (result, changed, setting)},
         calibration_starts=None if calib_record is None else calib_record["starts"],
         co_layers=co_layers,
     )
@@ -208,6 +217,8 @@ def run(ctx: Context) -> dict[str, Any]:
         "mean_nll": result.mean_nll,
         "n_tokens": result.n_tokens,
         "dataset": str(cfg.dataset.name),
+        "dataset.seq_len": int(cfg.dataset.seq_len),
+        "dataset.n_windows": int(cfg.dataset.n_windows),
         **spec.summary(),
         "method": method_name,
         **method_summary,
@@ -217,4 +228,5 @@ def run(ctx: Context) -> dict[str, Any]:
         "quant_error.max": max(errors.values(), default=math.nan),
         **{f"kurtosis.before.{t}": v for t, v in kurt_before.items()},
         **{f"kurtosis.after.{t}": v for t, v in kurt_after.items()},
+        **scores,
     }

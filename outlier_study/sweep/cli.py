@@ -13,7 +13,7 @@ from pathlib import Path
 
 from outlier_study.output.files import write_text
 from outlier_study.output.tables import to_markdown, write_table
-from outlier_study.sweep.collect import PIVOTS, collect
+from outlier_study.sweep.collect import collect, is_pivot
 from outlier_study.sweep.report import render
 
 EXIT_OK, EXIT_NOT_ALL_OK, EXIT_BAD_INPUT = 0, 1, 2
@@ -61,9 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --out: cannot write to '{out}': {err.strerror or err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    pivot_names = tuple(p.name for p in PIVOTS)
     for table in collection.tables:
-        if table.name.startswith(pivot_names):
+        if is_pivot(table.name):
             print(to_markdown(table))
     for job in collection.jobs:
         if not job.ok:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ class Pivot:
     column_labels: Mapping[str, str] = field(default_factory=dict)  # value -> header; order = column order
     row_order: tuple[str, ...] = ()  # values listed first, in this order; others follow as found
     caption: str = ""
+    eval_name: str = ""  # also a table per lm-eval score (eval.<task>.<metric>): <eval_name>_<task>_<metric>
 
 
 # One entry per experiment whose paper table is a pivot of per-job metrics; the other parameters that vary
@@ -44,6 +45,7 @@ PIVOTS: tuple[Pivot, ...] = (
         column_labels={"none": "W16A16", "w8a8": "W8A8", "w4a16": "W4A16", "w4a8": "W4A8", "w4a4": "W4A4"},
         row_order=("none", "massive_y6", "gamma_smooth", "smoothquant", "rotation", "superweight_keep"),
         caption="token-level perplexity: method (rows) × weight/activation bits (columns)",
+        eval_name="quant_eval",
     ),
     Pivot(
         experiment="perplexity",
@@ -53,6 +55,7 @@ PIVOTS: tuple[Pivot, ...] = (
         value="ppl",
         column_labels={"none": "original"},
         caption="token-level perplexity: dataset (rows) × intervention (columns)",
+        eval_name="intervention_eval",
     ),
 )
 
@@ -133,11 +136,56 @@ def _ordered(values: Iterable[str], first: Iterable[str]) -> list[str]:
     return [v for v in first if v in seen] + [v for v in seen if v not in first]
 
 
+def is_pivot(name: str) -> bool:
+    """Whether a collected table is one of the paper-layout pivots (shown first, printed by the CLI)."""
+    prefixes = [p.name for p in PIVOTS] + [p.eval_name for p in PIVOTS if p.eval_name]
+    return name.startswith(tuple(prefixes))
+
+
+def _eval_scores(jobs: list[Job]) -> list[tuple[str, str, str]]:
+    """(key, task, metric) of every lm-eval score in the jobs' metrics.json, in order found: keys
+    `eval.<task>.<metric>` with a number, less stderrs and sample counts (`eval.<key>` alone is protocol)."""
+    found: dict[str, tuple[str, str, str]] = {}
+    for job in jobs:
+        for key, value in (job.metrics or {}).items():
+            parts = key.split(".")
+            if parts[0] != "eval" or len(parts) < 3 or key in found:
+                continue
+            metric = parts[-1]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if number and not metric.endswith("_stderr") and metric != "n_samples":
+                found[key] = (key, ".".join(parts[1:-1]), metric)
+    return list(found.values())
+
+
+def _with_eval(pivots: Iterable[Pivot], jobs: list[Job]) -> list[Pivot]:
+    """Each pivot, then one of the same layout per lm-eval score its experiment's jobs report."""
+    out = []
+    for pivot in pivots:
+        out.append(pivot)
+        if pivot.eval_name:
+            members = [j for j in jobs if j.param("experiment") == pivot.experiment]
+            for key, task, metric in _eval_scores(members):
+                caption = pivot.caption.split(":", 1)[-1].strip()
+                out.append(
+                    replace(
+                        pivot,
+                        name=f"{pivot.eval_name}_{_slug(task)}_{_slug(metric)}",
+                        value=key,
+                        digits=4,
+                        caption=f"lm-eval {task} {metric}: {caption}",
+                        eval_name="",
+                    )
+                )
+    return out
+
+
 def pivot_tables(jobs: list[Job], pivots: Iterable[Pivot] = PIVOTS) -> list[Table]:
     """Declared pivots: one table per combination of the other parameters that vary (e.g. dataset). The
-    row option's own keys (`method.alpha` for rows = method) label its rows instead of splitting the table."""
+    row option's own keys (`method.alpha` for rows = method) label its rows instead of splitting the table.
+    A pivot with an `eval_name` gets a twin per lm-eval score (eval.tasks) of its jobs."""
     tables = []
-    for pivot in pivots:
+    for pivot in _with_eval(pivots, jobs):
         members = [j for j in jobs if j.param("experiment") == pivot.experiment]
         if not members:
             continue

@@ -17,7 +17,7 @@ from typing import Any
 
 from outlier_study.output.tables import Table, rectangular, to_html
 from outlier_study.sweep.claims import findings
-from outlier_study.sweep.collect import PIVOTS, Collection
+from outlier_study.sweep.collect import Collection, is_pivot
 from outlier_study.sweep.jobs import Job, read_table
 
 # The paper's items in the order the paper presents them: massive activations, then channel-wise outliers.
@@ -259,9 +259,8 @@ def render(collection: Collection) -> str:
     order = [e for e in PAPER_ORDER if e in by_experiment] + sorted(
         e for e in by_experiment if e not in PAPER_ORDER
     )
-    pivot_names = tuple(p.name for p in PIVOTS)
-    pivots = [t for t in collection.tables if t.name.startswith(pivot_names)]
-    others = [t for t in collection.tables if not t.name.startswith(pivot_names)]
+    pivots = [t for t in collection.tables if is_pivot(t.name)]
+    others = [t for t in collection.tables if not is_pivot(t.name)]
 
     toc = [
         '<li><a href="#setup">model, data and protocol</a></li>',
