@@ -18,6 +18,7 @@ from outlier_study.interventions import Inputs, intervene
     description="token-level perplexity (exp of the mean NLL over predicted tokens) under any intervention, "
     "e.g. intervention=massive intervention.tap=y6",
     uses=("intervention",),
+    layerwise=True,
 )
 def run(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
