@@ -141,7 +141,7 @@ def check_execution(cfg: DictConfig) -> None:
         bool(cfg.model.cache_converted) or str(cfg.model.source) not in ("gguf", "embedded"),
         "model.cache_converted",
         "execution=layerwise reads the layers from the converted safetensors copy of a GGUF file",
-        [True],
+        ["true"],
     )
 
 

@@ -138,6 +138,8 @@ def run_layers(
     assert store is not None, "run_layers needs a model loaded with execution=layerwise"
     last = store.n_layers - 1 if through is None else through
     batches = [Batch(start, ids) for start, ids in parts]
+    if not batches:  # nothing to run (a resumed evaluation): no layer is read
+        return batches
     for batch in batches:
         _capture(lm, batch, last)
     for index in tqdm(range(last + 1), desc=f"{desc} (layers)", unit="layer", disable=not progress):

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
+from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -254,10 +255,11 @@ def _config(folder: Path, cfg: Any) -> Any:
 
 def _random(cfg: Any, loc: Any, cache_root: Path, build: Callable[[], nn.Module]) -> Checkpoint:
     """A random model's weights exist only once it is built: built as the in-memory load builds it (same
-    seed, same config object), saved to a temporary folder that lives as long as the loaded model."""
+    seed, same config object), saved under its own tensor names (tied ones once) to a temporary folder
+    that lives as long as the loaded model."""
     tmp = tempfile.TemporaryDirectory(prefix="outlier-study-layerwise-")
     model = build()
-    model.save_pretrained(tmp.name)
+    save_model(model, str(Path(tmp.name) / "model.safetensors"))
     return Checkpoint(Path(tmp.name), model.config, tmp)
 
 
