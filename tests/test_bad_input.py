@@ -379,6 +379,29 @@ CASES: list[Case] = [
     ("model-type", (TINY, "model.model_type=nope"), {}, "model.model_type"),
     ("zero-layers", (TINY, "+model.arch.num_hidden_layers=0"), {}, "model"),
     ("arch-rejected", (TINY, "+model.arch.hidden_size=-1"), {}, "model.arch"),
+    # --- what execution=layerwise cannot run (every layer resident) and what it reads
+    ("execution", ("execution=disk",), {}, "execution"),
+    ("layerwise-fig9", (TINY, "execution=layerwise", "experiment=fig9"), {}, "execution"),
+    ("layerwise-quant", (TINY, "execution=layerwise", "experiment=quant"), {}, "execution"),
+    ("layerwise-superweight", (TINY, "execution=layerwise", "experiment=superweight"), {}, "execution"),
+    (
+        "layerwise-gamma",
+        (TINY, "execution=layerwise", "experiment=perplexity", "intervention=gamma"),
+        {},
+        "execution",
+    ),
+    (
+        "layerwise-weights",
+        (TINY, "execution=layerwise", *WEIGHTS, ENTRY),
+        {},
+        "execution",
+    ),
+    (
+        "layerwise-gguf-uncached",
+        ("execution=layerwise", "model.cache_converted=false"),
+        {},
+        "model.cache_converted",
+    ),
     # --- an option group the experiment does not read
     ("unused-intervention", (TINY, "intervention=massive"), {}, "intervention"),
     ("unused-method", (TINY, "experiment=table2", "method=rotation"), {}, "method"),
