@@ -121,7 +121,7 @@ def check_execution(cfg: DictConfig) -> None:
         return
     registries = option_registries()
     experiment = registries["experiment"].get(cfg.experiment.name)
-    why = "works on the weights outside a forward pass, which needs every layer resident"
+    why = "needs every layer's weights at once, and layerwise holds one layer at a time"
     require(
         experiment.layerwise,
         "execution",

@@ -381,18 +381,11 @@ CASES: list[Case] = [
     ("arch-rejected", (TINY, "+model.arch.hidden_size=-1"), {}, "model.arch"),
     # --- what execution=layerwise cannot run (every layer resident) and what it reads
     ("execution", ("execution=disk",), {}, "execution"),
-    ("layerwise-fig9", (TINY, "execution=layerwise", "experiment=fig9"), {}, "execution"),
     ("layerwise-quant", (TINY, "execution=layerwise", "experiment=quant"), {}, "execution"),
     ("layerwise-superweight", (TINY, "execution=layerwise", "experiment=superweight"), {}, "execution"),
     (
-        "layerwise-gamma",
-        (TINY, "execution=layerwise", "experiment=perplexity", "intervention=gamma"),
-        {},
-        "execution",
-    ),
-    (
-        "layerwise-weights",
-        (TINY, "execution=layerwise", *WEIGHTS, ENTRY),
+        "layerwise-quant-method",
+        (TINY, "execution=layerwise", "experiment=quant", "method=smoothquant"),
         {},
         "execution",
     ),

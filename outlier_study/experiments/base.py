@@ -23,8 +23,8 @@ class Experiment:
     description: str
     check: Check | None = None
     uses: tuple[str, ...] = ()  # the option groups it reads besides its own: intervention, quant, method
-    # runs with execution=layerwise: it only runs windows through the model (hooks included), never reads or
-    # edits weights outside a forward pass, which would need every layer resident
+    # runs with execution=layerwise: it runs windows through the model (hooks included) and edits weights
+    # only one layer at a time (interventions/parameters.py), never needing every layer's weights at once
     layerwise: bool = False
 
 

@@ -45,8 +45,8 @@ class Treatment:
     description: str
     check: Check | None = None
     calibrated: bool = False  # needs calibration windows disjoint from the evaluation windows (methods)
-    # runs with execution=layerwise: it acts through hooks during forward passes only (a weight edit needs
-    # every layer resident)
+    # runs with execution=layerwise: it acts through hooks, or edits each layer as it is read, never
+    # needing every layer's weights at once
     layerwise: bool = False
 
 

@@ -134,6 +134,7 @@ class LayerStore:
         self.blocks: nn.ModuleList = model.get_submodule(layers_path)  # type: ignore[assignment]
         self.n_layers = len(self.blocks)
         self.reads = 0  # layers read so far (tests and the benchmark count them)
+        self._edits: list[Callable[[int, nn.Module], None]] = []
         prefix = layers_path + "."
         tied: dict[int, list[str]] = defaultdict(list)
         for name, param in model.named_parameters(remove_duplicate=False):
@@ -200,6 +201,17 @@ class LayerStore:
                 module._buffers[leaf] = self._place(buffer)  # noqa: SLF001
 
     @contextmanager
+    def editing(self, edit: Callable[[int, nn.Module], None]) -> Iterator[None]:
+        """`edit(index, layer)` applied to each layer right after it is read, for the `with` body: how a
+        weight edit reaches a model whose layers exist only while they run. Each read starts from the
+        checkpoint again, so no edit outlives its `with` body."""
+        self._edits.append(edit)
+        try:
+            yield
+        finally:
+            self._edits.remove(edit)
+
+    @contextmanager
     def layer(self, index: int) -> Iterator[nn.Module]:
         """Decoder layer `index` with its weights for the `with` body; back on the meta device after."""
         block = self.blocks[index]
@@ -207,6 +219,9 @@ class LayerStore:
         self._assign(self.entries[index])
         self.reads += 1
         try:
+            with torch.no_grad():
+                for edit in self._edits:
+                    edit(index, block)
             yield block
         finally:
             for name, meta in self._meta[index].items():

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,18 @@ class LoadedModel:
     @property
     def adapter(self) -> Adapter:
         return self.arch.adapter
+
+    def blocks_with_weights(self, layers: Iterable[int]) -> Iterator[tuple[int, torch.nn.Module]]:
+        """(layer, decoder layer module) of each of `layers` with its weights, for code that reads weights
+        outside a forward pass: the resident module, or, layerwise, the layer read for the loop body and
+        dropped when the loop moves on."""
+        blocks = self.adapter.blocks(self.model)
+        for layer in layers:
+            if self.store is None:
+                yield layer, blocks[layer]
+            else:
+                with self.store.layer(layer) as block:
+                    yield layer, block
 
     @property
     def n_layers(self) -> int:
