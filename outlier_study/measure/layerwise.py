@@ -6,7 +6,10 @@ The model's own forward prepares what its layers get: for each batch it runs wit
 replaced by a stand-in that records the layer's arguments (the hidden state, rotary position embeddings,
 masks, per-layer-type variants such as Gemma3's sliding-window mask and local rotary table, whatever a
 family passes) and hands the hidden state on unchanged; the last needed stand-in stops the forward. So no
-family's preamble is rewritten here. Then each layer is read (`LayerStore.layer`), every batch's hidden
+family's preamble is rewritten here. This relies on one property of the decoder families in scope: what
+the model's loop passes to layer i besides the hidden state does not depend on layer i − 1's output (masks
+and position tables are made before the loop; `tests/test_layerwise.py` holds every tiny family to
+bit-identical logits). Then each layer is read (`LayerStore.layer`), every batch's hidden
 state passes through the real layer module (its hooks fire, so taps, reducers and hook-based
 interventions see exactly what they see in memory), and the layer is dropped. Perplexity replays the
 model's forward once more per batch with stand-ins that return the final hidden state at the last layer,

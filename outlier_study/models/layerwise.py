@@ -6,10 +6,13 @@ The model object is the unmodified HF model, built on the meta device from its c
 parts outside the decoder layers (embeddings, final norm, lm_head, whatever a family has there) are read
 once and stay resident; a decoder layer is read when `LayerStore.layer(i)` enters and its parameters are
 put back on the meta device when it exits. Hooks sit on the module objects, which never change, so every
-tap, reducer and hook-based intervention works on a layer while it is materialized.
+tap, reducer and hook-based intervention works on a layer while it is materialized; a weight edit is
+written into each layer as it is read (`LayerStore.editing`).
 
-A shard file is opened for one read and closed right after it: safetensors maps the file, and a mapping
-kept open would count every page read so far in the process's resident memory.
+A shard file is opened for one read and closed after it, so no mapping outlives the tensors read through
+it (safetensors maps the file; a handle kept open would keep every page read through it resident).
+Nothing holds a full state dict: a layer's tensors are read by name, and tensors stored in float32 and
+used in float32 are the mapped pages themselves.
 """
 
 from __future__ import annotations
@@ -148,9 +151,9 @@ class LayerStore:
         for names, parameter in groups:
             key = next((checkpoint[n] for n in names if n in checkpoint), None)
             if key is None:
-                if parameter:  # a persistent buffer the checkpoint lacks keeps its value from __init__
+                if parameter:
                     missing.append(names[0])
-                continue
+                continue  # a persistent buffer the checkpoint lacks keeps its value from __init__
             self.entries[_layer_index(names[0], prefix)].append(_Entry(names, key, parameter))
         if missing:
             why = f" (it stores {converted[0]!r}, converted by transformers at load)" if converted else ""
