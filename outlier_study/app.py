@@ -67,11 +67,12 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> Path:
         arch = describe_model(cfg.model, cfg.paths.model_cache)  # the config only: no weights yet
         plan = check_for_model(cfg, arch)
         text = load_corpus(cfg.dataset)
-        tokenizer = MODELS.tokenizer(cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache)
+        tokenizer = MODELS.tokenizer(cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache, cfg.execution)
         windows = build_windows(cfg.dataset, tokenizer, text)  # a corpus too short fails before the weights
         tasks = prepare_tasks(cfg.eval) if cfg.eval.tasks else None  # lm-eval's task data, before them too
         torch.manual_seed(cfg.seed)
-        lm = MODELS.get(cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache, cfg.reuse_models, tokenizer)
+        where = (cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache)
+        lm = MODELS.get(*where, cfg.reuse_models, tokenizer, cfg.execution)
         entry = EXPERIMENTS.get(cfg.experiment.name)
         item = {"name": str(cfg.experiment.name), "paper": entry.paper, "description": entry.description}
         write_json(

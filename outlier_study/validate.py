@@ -119,6 +119,44 @@ def _is_default(cfg: DictConfig, group: str) -> bool:
     return str(cfg[group].name) == "none"
 
 
+def check_execution(cfg: DictConfig) -> None:
+    """execution=layerwise holds one decoder layer at a time, so only what acts through forward passes runs
+    (each registry entry says whether it does: `layerwise`); a GGUF source is read from its converted copy."""
+    if str(cfg.execution) != "layerwise":
+        return
+    registries = option_registries()
+    experiment = registries["experiment"].get(cfg.experiment.name)
+    why = "needs every layer's weights at once, and layerwise holds one layer at a time"
+    require(
+        experiment.layerwise,
+        "execution",
+        f"experiment '{cfg.experiment.name}' {why}; run it with execution=memory",
+        ["memory"],
+    )
+    for group in ("intervention", "method"):
+        entry = registries[group].get(cfg[group].name)
+        if group in experiment.uses:
+            require(
+                entry.layerwise,
+                "execution",
+                f"{group} '{cfg[group].name}' {why}; run it with execution=memory",
+                ["memory"],
+            )
+    require(
+        len(cfg.eval.tasks) == 0,
+        "execution",
+        "zero-shot evaluation (eval.tasks) runs lm-eval on the whole in-memory model; run it with "
+        "execution=memory",
+        ["memory"],
+    )
+    require(
+        bool(cfg.model.cache_converted) or str(cfg.model.source) not in ("gguf", "embedded"),
+        "model.cache_converted",
+        "execution=layerwise reads the layers from the converted safetensors copy of a GGUF file",
+        ["true"],
+    )
+
+
 def check_for_model(cfg: DictConfig, arch: Arch) -> Plan:
     """Every name and index in the config against the model's architecture, and what the experiment uses."""
     taps = arch.taps(None if cfg.taps is None else list(cfg.taps), "taps")
@@ -142,6 +180,7 @@ def check_for_model(cfg: DictConfig, arch: Arch) -> Plan:
                 "or run an experiment that does",
                 allowed=users,
             )
+    check_execution(cfg)
     if experiment.check is not None:
         experiment.check(cfg.experiment, cfg, arch)
     for group in ("intervention", "method"):

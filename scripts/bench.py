@@ -13,6 +13,7 @@ cancels most of that, so it is what the goals are about:
   perplexity tokens/s (no intervention) / plain logits-forward tokens/s   goal >= 0.95
   Table 2 wall time (`run` of experiment=table2) / (1 model load + 5 evaluations) goal <= 1.10
   local multirun of 6 interventions (Hydra's basic launcher, one process) / (1 load + 6 evaluations)  <= 1.10
+  peak RSS of a layerwise process / of an in-memory process, above their pre-load baseline   goal <= 0.35
 
 Two floors say what this machine can do at the full profile's taps, through the profile's own hooks: hooks
 whose sink does nothing (the cost of the hooks alone), and hooks that read each tensor once with
@@ -24,6 +25,15 @@ small machines (the min/min ratio and the load average are printed too). Peak RS
 child processes of this script (`--mode plain|full`), each loading the same model: the peak after the load
 (VmHWM reset right after it; the load's own peak would otherwise dominate both) or, where Linux cannot reset
 it, `ru_maxrss`. Missing a goal is reported, not an error (exit 0).
+
+Layerwise (`execution=layerwise`, one decoder layer resident at a time) is measured by two more children:
+`--mode memory` (the in-memory model) and `--mode layerwise` run all windows through `forward_windows`
+`--repeats` times after a warm-up pass, and report their median pass time and peak RSS over the whole
+process life (load included: what decides whether a model fits). Python with torch and transformers
+already holds a few hundred MB that no execution mode can give back, so each child also reports its
+baseline: VmRSS after the imports, the tokenizer and the windows, just before the model loads. The goal
+row compares the peaks above that baseline (what the model and its run add); the whole-process ratio is
+printed too, without a goal, and so is the time ratio.
 """
 
 from __future__ import annotations
@@ -60,8 +70,12 @@ GOALS = {
     "read_once_floor": None,
     "full_to_floor": None,
     "ma_to_floor": None,
+    "layerwise_peak_rss": 0.35,  # above each process's pre-load baseline
+    "layerwise_peak_rss_total": None,  # whole process: the interpreter's own few hundred MB included
+    "layerwise_time": None,  # reported: reading every layer once per pass has a cost
 }
 HIGHER_IS_BETTER = {"ppl_tps"}
+EXECUTIONS = ("memory", "layerwise")  # the children of the layerwise rows, one per `execution` value
 
 
 def compose(args: argparse.Namespace, *extra: str) -> tuple[Any, str]:
@@ -90,19 +104,19 @@ def compose(args: argparse.Namespace, *extra: str) -> tuple[Any, str]:
         return hydra_compose(config_name="config", overrides=overrides), note
 
 
-def setup(args: argparse.Namespace) -> tuple[Any, torch.Tensor, list[int], str]:
+def setup(args: argparse.Namespace, *extra: str) -> tuple[Any, torch.Tensor, list[int], str]:
     from outlier_study.data import build_windows
 
-    cfg, note = compose(args)
+    cfg, note = compose(args, *extra)
     lm = load(cfg)
     windows = build_windows(cfg.dataset, lm.tokenizer)
     return lm, windows.input_ids, list(range(lm.n_layers)), note
 
 
-def load(cfg: Any) -> Any:
+def load(cfg: Any, tokenizer: Any = None) -> Any:
     from outlier_study.models.loader import load_model
 
-    return load_model(cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache)
+    return load_model(cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache, tokenizer, cfg.execution)
 
 
 def table2_seconds(args: argparse.Namespace, out_dir: Path) -> float:
@@ -228,13 +242,18 @@ def reset_hwm() -> bool:
         return False
 
 
-def hwm_kib() -> int | None:
+def status_kib(field: str) -> int | None:
+    """A /proc/self/status field in KiB (VmHWM: the RSS high-water mark, VmRSS: the RSS now)."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None
-    line = next((ln for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
+    line = next((ln for ln in status.splitlines() if ln.startswith(f"{field}:")), None)
     return int(line.split()[1]) if line else None
+
+
+def hwm_kib() -> int | None:
+    return status_kib("VmHWM")
 
 
 def child(args: argparse.Namespace) -> None:
@@ -242,6 +261,8 @@ def child(args: argparse.Namespace) -> None:
 
     Loading transiently needs more memory than a forward, so `ru_maxrss` (peak over the whole life) tends to
     be the load's peak in both modes; the peak after loading comes from VmHWM reset right after the load."""
+    if args.mode in EXECUTIONS:
+        return execution_child(args)
     lm, ids, layers, _ = setup(args)
     after_load = peak_rss_kib()
     has_hwm = reset_hwm()
@@ -251,6 +272,30 @@ def child(args: argparse.Namespace) -> None:
     peak_after_load = hwm_kib() if has_hwm else None
     out = {"mode": args.mode, "ru_maxrss_kib": peak_rss_kib(), "load_peak_kib": after_load}
     print(json.dumps(out | {"peak_after_load_kib": peak_after_load}))
+
+
+def execution_child(args: argparse.Namespace) -> None:
+    """`--mode layerwise` and its reference `--mode memory` (the `execution` value): the pre-load baseline
+    (VmRSS after the imports, the tokenizer and the windows), then the load, a warm-up pass and
+    `--repeats` timed passes of all windows through `forward_windows`; the peak RSS over the whole life."""
+    from outlier_study.data import build_windows
+    from outlier_study.measure.forward import forward_windows
+    from outlier_study.models.loader import load_tokenizer
+
+    cfg, _ = compose(args, f"execution={args.mode}")
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.model_cache)
+    ids = build_windows(cfg.dataset, tokenizer).input_ids
+    baseline = status_kib("VmRSS")
+    lm = load(cfg, tokenizer)
+    forward_windows(lm, ids, args.batch_size, False, "warm-up")
+    seconds = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        forward_windows(lm, ids, args.batch_size, False, cfg.execution)
+        seconds.append(time.perf_counter() - t)
+    out = {"mode": str(cfg.execution), "baseline_kib": baseline, "ru_maxrss_kib": peak_rss_kib()}
+    out |= {"run_s": statistics.median(seconds), "run_min_s": min(seconds), "times_s": seconds}
+    print(json.dumps(out | {"layers_read": 0 if lm.store is None else lm.store.reads}))
 
 
 def measure_rss(args: argparse.Namespace, mode: str) -> dict[str, int]:
@@ -269,6 +314,75 @@ def meets(key: str, ratio: float) -> bool | None:
     if goal is None:
         return None
     return ratio >= goal if key in HIGHER_IS_BETTER else ratio <= goal
+
+
+Spec = list[tuple[str, str, float, float, str]]  # (measure, key, numerator, denominator, context)
+
+
+def as_rows(spec: Spec) -> list[dict[str, Any]]:
+    return [
+        {
+            "measure": measure,
+            "key": key,
+            "ratio": num / den,
+            "goal": GOALS[key],
+            "pass": meets(key, num / den),
+            "context": fmt.format(num, den),
+        }
+        for measure, key, num, den, fmt in spec
+    ]
+
+
+def layerwise_spec(args: argparse.Namespace) -> tuple[dict[str, Any], Spec]:
+    """The `--mode memory` and `--mode layerwise` children, and their rows."""
+    lw = {mode: measure_rss(args, mode) for mode in EXECUTIONS}
+    above = {m: (r["ru_maxrss_kib"] - r["baseline_kib"]) / 1024 for m, r in lw.items()}
+    total = {m: r["ru_maxrss_kib"] / 1024 for m, r in lw.items()}
+    base = {m: r["baseline_kib"] / 1024 for m, r in lw.items()}
+    spec = [
+        (
+            "layerwise peak RSS / memory (above base)",
+            "layerwise_peak_rss",
+            above["layerwise"],
+            above["memory"],
+            "{:.0f} vs {:.0f} MiB" + f" above baselines of {base['layerwise']:.0f}, {base['memory']:.0f} MiB",
+        ),
+        (
+            "layerwise peak RSS / memory (process)",
+            "layerwise_peak_rss_total",
+            total["layerwise"],
+            total["memory"],
+            "{:.0f} vs {:.0f} MiB",
+        ),
+        (
+            "layerwise time / in-memory time",
+            "layerwise_time",
+            lw["layerwise"]["run_s"],
+            lw["memory"]["run_s"],
+            "{:.2f}s vs {:.2f}s (medians; min/min "
+            + f"{lw['layerwise']['run_min_s'] / lw['memory']['run_min_s']:.2f})",
+        ),
+    ]
+    return lw, spec
+
+
+def bench_layerwise(args: argparse.Namespace) -> dict[str, Any]:
+    """`--layerwise-only`: the layerwise rows alone (two child processes, no timing loop in this one)."""
+    before = os.getloadavg()[0]
+    lw, spec = layerwise_spec(args)
+    return {
+        "model": args.model,
+        "dataset": compose(args)[1],
+        "windows": args.windows,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": [before, os.getloadavg()[0]],
+        "rows": as_rows(spec),
+        "layerwise_kib": lw,
+    }
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -293,6 +407,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     multirun_s = multirun_seconds(args, args.out.parent)
     load_avg.append(os.getloadavg()[0])
     rss = {mode: measure_rss(args, mode) for mode in ("plain", "full")}
+    lw, lw_spec = layerwise_spec(args)
 
     after_load = all(r["peak_after_load_kib"] for r in rss.values())
     rss_key = "peak_after_load_kib" if after_load else "ru_maxrss_kib"
@@ -353,18 +468,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "{:.3f}s vs {:.3f}s",
         ),
         ("MA profile / read-once floor", "ma_to_floor", med["ma"], med["read_once"], "{:.3f}s vs {:.3f}s"),
+        *lw_spec,
     ]
-    rows = [
-        {
-            "measure": measure,
-            "key": key,
-            "ratio": num / den,
-            "goal": GOALS[key],
-            "pass": meets(key, num / den),
-            "context": fmt.format(num, den),
-        }
-        for measure, key, num, den, fmt in spec
-    ]
+    rows = as_rows(spec)
     for row, name in zip(rows, ("full", "ma", "co"), strict=False):  # min/min is robust to other load
         row["ratio_min"] = min(times[name]) / min(times["plain"])
         row["context"] += f" (min/min {row['ratio_min']:.2f})"
@@ -389,6 +495,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "times_s": times,
         "median_s": med,
         "rss_kib": rss,
+        "layerwise_kib": lw,
     }
 
 
@@ -416,14 +523,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=REPO / "outputs/bench/bench.json")
-    p.add_argument("--mode", choices=["bench", "plain", "full"], default="bench", help=argparse.SUPPRESS)
+    modes = ["bench", "plain", "full", *EXECUTIONS]
+    p.add_argument("--mode", choices=modes, default="bench", help=argparse.SUPPRESS)
+    p.add_argument("--layerwise-only", action="store_true", help="only the layerwise rows (two children)")
     args = p.parse_args()
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     if args.mode != "bench":
         child(args)
         return
-    result = bench(args)
+    result = bench_layerwise(args) if args.layerwise_only else bench(args)
     show(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -382,6 +382,34 @@ CASES: list[Case] = [
     ("model-type", (TINY, "model.model_type=nope"), {}, "model.model_type"),
     ("zero-layers", (TINY, "+model.arch.num_hidden_layers=0"), {}, "model"),
     ("arch-rejected", (TINY, "+model.arch.hidden_size=-1"), {}, "model.arch"),
+    # --- what execution=layerwise cannot run (every layer resident) and what it reads
+    ("execution", ("execution=disk",), {}, "execution"),
+    ("layerwise-quant", (TINY, "execution=layerwise", "experiment=quant"), {}, "execution"),
+    ("layerwise-superweight", (TINY, "execution=layerwise", "experiment=superweight"), {}, "execution"),
+    (
+        "layerwise-quant-method",
+        (TINY, "execution=layerwise", "experiment=quant", "method=smoothquant"),
+        {},
+        "execution",
+    ),
+    (
+        "layerwise-zeroshot",
+        (
+            TINY,
+            "execution=layerwise",
+            "experiment=perplexity",
+            "eval.include_path={lm_eval_tasks}",
+            "eval.tasks=[outlier_mc]",
+        ),
+        {},
+        "execution",
+    ),
+    (
+        "layerwise-gguf-uncached",
+        ("execution=layerwise", "model.cache_converted=false"),
+        {},
+        "model.cache_converted",
+    ),
     # --- an option group the experiment does not read
     ("unused-intervention", (TINY, "intervention=massive"), {}, "intervention"),
     ("unused-method", (TINY, "experiment=table2", "method=rotation"), {}, "method"),

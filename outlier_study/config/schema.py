@@ -16,6 +16,7 @@ from outlier_study.config.vocab import (
     BosPolicy,
     Device,
     DType,
+    Execution,
     Granularity,
     Sampling,
     Source,
@@ -155,6 +156,11 @@ class RootConfig:
     seed: int = opt(0, "seed of everything random in a job (window sampling aside: dataset.seed)")
     device: Device = opt(Device.cpu, "cpu | cuda | auto (device_map='auto' across GPUs)")
     dtype: DType = opt(DType.float32, "float32 | bfloat16 | float16")
+    execution: Execution = opt(
+        Execution.memory,
+        "memory: the whole model resident | layerwise: the embeddings and one decoder layer at a time, "
+        "read from the checkpoint's safetensors (models larger than memory; same results)",
+    )
     progress: bool = opt(True, "progress bars over windows")
     reuse_models: int = opt(
         1, "models kept in memory for the next job of an in-process sweep (0 = never)", ge=0

@@ -16,6 +16,14 @@ class Source(StrEnum):
     embedded = "embedded"
 
 
+class Execution(StrEnum):
+    """memory: the whole model is resident; layerwise: the embeddings and one decoder layer at a time, read
+    from the checkpoint's safetensors shards (models larger than memory)."""
+
+    memory = "memory"
+    layerwise = "layerwise"
+
+
 class DType(StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"

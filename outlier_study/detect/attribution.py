@@ -46,11 +46,17 @@ class Attributor:
         self.adapter, self.parallel = adapter, adapter.parallel
         self.ma_abs, self.ma_ratio = ma_abs, ma_ratio
         self.window_offset = 0
-        self.events: list[MAEvent] = []
+        self._events: list[tuple[int, MAEvent]] = []  # (the batch's first window, event)
         self._mas: dict[str, dict[Position, float]] = {}  # this layer's MA positions so far, by tap
         self._branch = torch.empty(0)  # the sublayer output just added; the model holds it anyway
         self._attn = torch.empty(0)  # a parallel block's attention output, until its MLP output comes
         self._mlp = torch.empty(0)  # the MLP output, until the branches added after it come (Gemma 4)
+
+    @property
+    def events(self) -> list[MAEvent]:
+        """The events batch by batch, each batch's layer by layer: the order of a batch-at-a-time forward,
+        also when the layers ran one at a time over all batches (execution=layerwise)."""
+        return [e for _, e in sorted(self._events, key=lambda pair: pair[0])]  # stable: layers keep order
 
     @property
     def taps(self) -> list[str]:
@@ -96,7 +102,8 @@ class Attributor:
     def _event(self, layer: int, site: str, pos: Position, value: float, kind: str) -> None:
         b, t, c = pos
         branch_value = float(self._branch[b, t, c])
-        self.events.append(MAEvent(self.window_offset + b, layer, site, t, c, value, kind, branch_value))
+        event = MAEvent(self.window_offset + b, layer, site, t, c, value, kind, branch_value)
+        self._events.append((self.window_offset, event))
 
 
 @contextmanager

@@ -99,13 +99,12 @@ def gamma_sizes(lm: LoadedModel, keys: list[Key]) -> dict[Key, int]:
 def sd_weight_channels(
     lm: LoadedModel, matrices: list[str], layers: list[int], k: float, statistic: str, axis: str
 ) -> Selection:
-    """(layer, matrix) -> channels whose per-channel statistic is more than k SD from the channel mean."""
-    adapter, blocks = lm.adapter, lm.adapter.blocks(lm.model)
+    """(layer, matrix) -> channels whose per-channel statistic is more than k SD from the channel mean
+    (a layerwise model's layers are read one at a time)."""
+    adapter = lm.adapter
     return {
-        (layer, name): sd_channels(
-            channel_statistic(adapter.weight_view(blocks[layer], name), statistic, axis), k
-        )
-        for layer in layers
+        (layer, name): sd_channels(channel_statistic(adapter.weight_view(block, name), statistic, axis), k)
+        for layer, block in lm.blocks_with_weights(layers)
         for name in matrices
     }
 
@@ -114,11 +113,11 @@ def sd_gamma_channels(
     lm: LoadedModel, norms: list[str], layers: list[int], k: float, statistic: str
 ) -> Selection:
     """(layer, norm) -> γ entries (γ = weight + the family's offset) more than k SD from the γ mean."""
-    adapter, blocks = lm.adapter, lm.adapter.blocks(lm.model)
+    adapter = lm.adapter
     return {
         (layer, n): sd_channels(
-            channel_statistic(adapter.gamma(blocks[layer], n) + adapter.gamma_offset, statistic, "out"), k
+            channel_statistic(adapter.gamma(block, n) + adapter.gamma_offset, statistic, "out"), k
         )
-        for layer in layers
+        for layer, block in lm.blocks_with_weights(layers)
         for n in norms
     }

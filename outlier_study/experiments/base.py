@@ -23,6 +23,9 @@ class Experiment:
     description: str
     check: Check | None = None
     uses: tuple[str, ...] = ()  # the option groups it reads besides its own: intervention, quant, method
+    # runs with execution=layerwise: it runs windows through the model (hooks included) and edits weights
+    # only one layer at a time (interventions/parameters.py), never needing every layer's weights at once
+    layerwise: bool = False
 
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment", "experiment.name")
@@ -35,6 +38,9 @@ def experiment(
     description: str,
     check: Check | None = None,
     uses: tuple[str, ...] = (),
+    layerwise: bool = False,
 ) -> Callable[[Callable[[Context], Metrics]], Callable[[Context], Metrics]]:
     """Register `run(ctx) -> metrics` under `name`."""
-    return EXPERIMENTS.register(name, lambda run: Experiment(run, options, paper, description, check, uses))  # type: ignore[return-value]
+    return EXPERIMENTS.register(
+        name, lambda run: Experiment(run, options, paper, description, check, uses, layerwise)
+    )  # type: ignore[return-value]

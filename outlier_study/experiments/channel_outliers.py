@@ -45,6 +45,7 @@ def write_co_tables(ctx: Context, name: str, cos: Selection, layers: list[int], 
     paper="",
     description="channel-wise outliers at every configured tap and layer, from streamed per-channel moments: "
     "counts and channel indices per layer, a count-per-layer plot",
+    layerwise=True,
 )
 def run_co(ctx: Context) -> dict[str, Any]:
     th = ctx.threshold
@@ -78,6 +79,7 @@ class Fig7Options:
     description="channel means of each norm's input and output (x1 vs x2, y1 vs y2) at one layer, with the "
     "channel-wise outliers in red for every m in m_values",
     check=_check_norm_layer,
+    layerwise=True,
 )
 def run_fig7(ctx: Context) -> dict[str, Any]:
     beta = float(ctx.threshold.beta)
@@ -116,6 +118,7 @@ class Fig8Options:
     description="one layer's norms in four stages: input (x1 / y1), input with its MAs left out, the "
     "standardized input before γ, the output after γ; COs in red",
     check=_check_norm_layer,
+    layerwise=True,
 )
 def run_fig8(ctx: Context) -> dict[str, Any]:
     th = ctx.threshold

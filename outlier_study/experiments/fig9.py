@@ -44,6 +44,7 @@ def _check(options: Any, cfg: Any, arch: Arch) -> None:
     description="CO count per layer at the norm inputs and outputs for the original model and with the "
     "norms' γ at the COs of their output set to the γ mean or zero; perplexity of each setting",
     check=_check,
+    layerwise=True,
 )
 def run(ctx: Context) -> dict[str, Any]:
     """The γ entries are those at the COs of each norm's output in the original model (detected once), so the

@@ -19,6 +19,7 @@ from outlier_study.interventions import Inputs, intervene
     "e.g. intervention=massive intervention.tap=y6; zero-shot accuracy through lm-eval under it too when "
     "eval.tasks names tasks",
     uses=("intervention", "eval"),
+    layerwise=True,
 )
 def run(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg

@@ -126,6 +126,7 @@ def ma_summary(rows: list[tuple[object, ...]], limit: int) -> tuple[list[str], l
     description="per-layer statistics at every tap: top-k |a| with positions, medians, MA counts, "
     "per-channel moments, kurtosis, inf/nan counts; Fig. 4/5- and Fig. 6-style plots",
     check=lambda o, cfg, arch: check_plot3d(o.plot3d, cfg, arch),
+    layerwise=True,
 )
 def run(ctx: Context) -> dict[str, Any]:
     th = ctx.threshold

@@ -77,7 +77,7 @@ for _name, _item, _what in (
     ("fig4", "Fig. 4", "per-layer top-3 |a| of the layer inputs, original vs residual MAs removed"),
     ("fig5", "Fig. 5", "Fig. 4 for a GPT-2-family model (gpt2-xl from the hub)"),
 ):
-    experiment(_name, name_only(_name, _what), _item, _what)(run_fig4)
+    experiment(_name, name_only(_name, _what), _item, _what, layerwise=True)(run_fig4)
 
 
 def _check_fig6(options: Any, cfg: Any, arch: Arch) -> None:
@@ -91,6 +91,7 @@ def _check_fig6(options: Any, cfg: Any, arch: Arch) -> None:
     paper="Fig. 6",
     description="3-D |a| over (token, channel) at chosen layers, original and with residual MAs removed",
     check=_check_fig6,
+    layerwise=True,
 )
 def run_fig6(ctx: Context) -> dict[str, Any]:
     """3-D |a| over (token, channel) at chosen layers, original and with residual MAs removed."""

@@ -53,6 +53,7 @@ def table1_rows(events: list[MAEvent], n_layers: int, n_windows: int) -> list[li
     description="true (generated here) vs fake (carried) MAs in the residual stream: the top TMAs of the "
     "first layers that generate them and of the last two layers; where each channel's MAs are born and "
     "cancelled",
+    layerwise=True,
 )
 def run(ctx: Context) -> dict[str, Any]:
     events = ma_events(ctx, ctx.layers)

@@ -30,6 +30,7 @@ COLUMNS: tuple[tuple[str, str | None, str | None, str], ...] = (
     paper="Table 2",
     description="token-level perplexity of the original model and with the MAs at y6 (mlp.hidden) and y7 "
     "(mlp.out) of every layer replaced by the tensor mean or zero; one model load serves all five",
+    layerwise=True,
 )
 def run(ctx: Context) -> dict[str, Any]:
     th = ctx.threshold

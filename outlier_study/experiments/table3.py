@@ -43,6 +43,7 @@ def _check(options: Any, cfg: Any, arch: Arch) -> None:
     description="perplexity with the outlier-triggering rows (row j of W_q/W_k/W_v whose output channel j "
     "is a CO while input channel j of x2 is not) set to their row mean, vs as many random rows; OTC fraction",
     check=_check,
+    layerwise=True,
 )
 def run(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg

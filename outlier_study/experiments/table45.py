@@ -38,6 +38,7 @@ def _cell(prof: Profile, layer: int, tap: str) -> str:
     description="top-2 signed values at x1..x9 and y1..y7 of experiment.layer and the next layer, original "
     "and with the MAs at y6 of that layer replaced by experiment.value",
     check=check_experiment_layer,
+    layerwise=True,
 )
 def run(ctx: Context) -> dict[str, Any]:
     exp, th = ctx.cfg.experiment, ctx.threshold

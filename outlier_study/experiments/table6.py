@@ -66,6 +66,7 @@ def _check(options: Any, cfg: Any, arch: Arch) -> None:
     description="channels more than k SD (threshold.sd) from the mean over channels, of the QKV weights, the "
     "norms' γ and the MLP weights, set to the channel mean, vs as many random channels",
     check=_check,
+    layerwise=True,
 )
 def run(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg

@@ -126,11 +126,16 @@ def _apply_weight_channels(inputs: Inputs) -> Iterator[Edited]:
 
 
 GAMMA = Treatment(
-    _apply_gamma, GammaOptions, "γ at the norm-output COs set to the γ mean or zero", _check_gamma
+    _apply_gamma,
+    GammaOptions,
+    "γ at the norm-output COs set to the γ mean or zero",
+    _check_gamma,
+    layerwise=True,  # COs come from a profile; γ is edited in each layer as it is read
 )
 WEIGHT_CHANNELS = Treatment(
     _apply_weight_channels,
     WeightChannelsOptions,
     "weight channels (OTC rows or k-SD channels) set to their own mean or zero",
     _check_weight_channels,
+    layerwise=True,  # OTC rows come from a profile, k-SD channels from each layer read once
 )

@@ -162,5 +162,9 @@ def _apply(inputs: Inputs) -> Iterator[Counted]:
 
 
 TREATMENT = Treatment(
-    _apply, MassiveOptions, "massive activations at one tap replaced by zero or the mean", _check
+    _apply,
+    MassiveOptions,
+    "massive activations at one tap replaced by zero or the mean",
+    _check,
+    layerwise=True,
 )

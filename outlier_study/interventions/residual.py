@@ -150,4 +150,5 @@ TREATMENT = Treatment(
     ResidualOptions,
     "MAs carried by the residual stream removed; each layer keeps its own TMAs",
     _check,
+    layerwise=True,  # its hooks compare a layer's input with its output: both inside the resident layer
 )

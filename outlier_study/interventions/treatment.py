@@ -45,6 +45,9 @@ class Treatment:
     description: str
     check: Check | None = None
     calibrated: bool = False  # needs calibration windows disjoint from the evaluation windows (methods)
+    # runs with execution=layerwise: it acts through hooks, or edits each layer as it is read, never
+    # needing every layer's weights at once
+    layerwise: bool = False
 
 
 @contextmanager
@@ -53,4 +56,6 @@ def _unchanged(inputs: Inputs) -> Iterator[Change]:
 
 
 # `none` in both registries: the unmodified model.
-NONE = Treatment(_unchanged, name_only("none", "the unmodified model"), "the unmodified model")
+NONE = Treatment(
+    _unchanged, name_only("none", "the unmodified model"), "the unmodified model", layerwise=True
+)

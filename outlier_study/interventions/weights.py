@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from outlier_study.config.options import opt
 from outlier_study.config.vocab import WeightMode
 from outlier_study.errors import ConfigError, require
-from outlier_study.interventions.edits import reversible
+from outlier_study.interventions.parameters import Entry, edited
 from outlier_study.interventions.record import Edited
 from outlier_study.interventions.treatment import Inputs, Treatment
 
@@ -139,23 +139,24 @@ def mode_text(mode: str, factor: float) -> str:
 def edit_weights(
     lm: LoadedModel, targets: Sequence[Target], mode: str, factor: float = 0.0, field: str = FIELD
 ) -> Iterator[Edited]:
-    """Zero the targets, or multiply them by `factor`; every new value is computed before the first write."""
-    blocks = lm.adapter.blocks(lm.model)
-    plan = []
-    edited: dict[tuple[int, str], set[int]] = {}
-    for k, target in enumerate(targets):
-        where = f"{field}[{k}]"
-        view = matrix_view(lm.adapter, blocks[target.layer], target, where)
+    """Zero the targets, or multiply them by `factor`; every new value is computed before the first write
+    (`parameters.edited`: a layerwise model is edited in each layer as it is read)."""
+    changed: dict[tuple[int, str], set[int]] = {}
+
+    def plan(block: nn.Module, item: tuple[str, Target]) -> Entry:
+        where, target = item
+        view = matrix_view(lm.adapter, block, target, where)
         _check_range(target, view.shape, where)
         line, dim, index, flat = _slot(view, target)
+        changed.setdefault(target.key, set()).update(flat)
         part = line.detach().index_select(dim, index)
         new = torch.zeros_like(part) if str(mode) == "zero" else part.float().mul(factor).to(part.dtype)
-        plan.append((line, dim, index, new))
-        edited.setdefault(target.key, set()).update(flat)
-    with reversible() as edits:
-        for line, dim, index, new in plan:
-            edits.set_entries(line, dim, index, new)
-        yield Edited("weights", mode_text(str(mode), factor), {k: sorted(v) for k, v in edited.items()})
+        return line, dim, index, new
+
+    items = [(target.layer, (f"{field}[{k}]", target)) for k, target in enumerate(targets)]
+    with edited(lm, items, plan):
+        record = {k: sorted(v) for k, v in changed.items()}
+        yield Edited("weights", mode_text(str(mode), factor), record)
 
 
 def _meta_blocks(arch: Arch) -> nn.ModuleList:
@@ -183,5 +184,9 @@ def _apply(inputs: Inputs) -> Iterator[Edited]:
 
 
 TREATMENT = Treatment(
-    _apply, WeightsOptions, "named weights, output rows or input columns zeroed or scaled", _check
+    _apply,
+    WeightsOptions,
+    "named weights, output rows or input columns zeroed or scaled",
+    _check,
+    layerwise=True,  # each named weight is edited in its layer as the layer is read
 )

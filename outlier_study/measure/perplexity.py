@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from outlier_study.measure.checkpoints import WindowCheckpoint
-from outlier_study.measure.forward import batches, logits_forward
+from outlier_study.measure.forward import batch_logits, batches
 from outlier_study.models.loader import LoadedModel
 
 # Logit elements per cross-entropy call. Chunking bounds the float32 log-softmax buffer (and the upcast of
@@ -105,8 +105,9 @@ def evaluate_perplexity(
     A non-finite NLL (e.g. float16 overflow) is not an error: the result is returned with ppl inf or nan,
     so a sweep can record a broken configuration instead of crashing.
 
-    With `checkpoint`, each window's NLL sum is saved after its batch (one host sync per batch) and a
-    restarted evaluation skips the batches already saved. `counters` (a dict the forward hooks add to,
+    With `checkpoint`, each window's NLL sum is saved after its batch (one host sync per batch; a layerwise
+    model: after the last batch, since all windows finish together) and a restarted evaluation skips the
+    batches already saved. `counters` (a dict the forward hooks add to,
     such as an intervention's per-layer counts) is saved and restored with them. The result is the
     correctly rounded sum of the per-window sums, so it is bit-identical with and without interruptions.
     """
@@ -127,24 +128,31 @@ def evaluate_perplexity(
     # Without a checkpoint the chunk sums stay on the device until the end: one host sync in all.
     pending: list[tuple[list[int], torch.Tensor]] = []
     bar = tqdm(total=n_windows, desc=desc, unit="win", disable=not progress)
+    todo = []
     for start, ids in batches(input_ids, batch_size):
+        if all(w in done for w in range(start, start + ids.shape[0])):
+            bar.update(ids.shape[0])
+        else:
+            todo.append((start, ids))
+    # Layerwise, every window's forward hooks (and the counters they add to) have run before the first
+    # batch is scored, so per-batch saves would store counts of unscored windows: one save at the end.
+    per_batch = checkpoint is not None and lm.store is None
+    for start, ids, logits in batch_logits(lm, todo, progress, desc):
         windows = list(range(start, start + ids.shape[0]))
-        if all(w in done for w in windows):
-            bar.update(len(windows))
-            continue
-        logits = logits_forward(lm, ids)
         targets = ids.to(logits.device)
         parts: list[torch.Tensor] = []
         for b in range(ids.shape[0]):
             _window_nll(logits[b], targets[b], parts)
         del logits
         pending.append((windows, torch.stack(parts)))
-        if checkpoint is not None:
+        if per_batch:
             _window_sums(pending, done)
-            checkpoint.save(done, counters)
+            checkpoint.save(done, counters)  # type: ignore[union-attr]
         bar.update(len(windows))
     bar.close()
     _window_sums(pending, done)
+    if checkpoint is not None and not per_batch and todo:
+        checkpoint.save(done, counters)
     n_tokens = n_windows * (int(input_ids.shape[1]) - 1)
     nll_sum = _exact_sum(done[w] for w in range(n_windows))
     return Perplexity(nll_sum=nll_sum, n_tokens=n_tokens)

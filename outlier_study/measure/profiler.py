@@ -188,5 +188,5 @@ def capture_abs_slice(
         out.append(a if mask is None else a.masked_fill(~mask[0], 0.0))
 
     with tap_hooks(lm.model, lm.adapter, [tap], [layer], sink):
-        forward(lm, window[None, :max_tokens])
+        forward(lm, window[None, :max_tokens], through=layer)
     return out[0].cpu().numpy()

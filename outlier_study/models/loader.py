@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from outlier_study.adapters import Adapter, Arch, arch_of
 from outlier_study.errors import ConfigError, require
 from outlier_study.models.embedded import embedded_gguf
+from outlier_study.models.layerwise import LayerStore, Layerwise, build_layerwise
 from outlier_study.models.tiny import TINY_ARCHS, byte_tokenizer, tiny_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,10 +48,28 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     arch: Arch
     info: dict[str, Any] = field(default_factory=dict)
+    layerwise: Layerwise | None = None  # execution=layerwise: the decoder layers are read on demand
+
+    @property
+    def store(self) -> LayerStore | None:
+        """Where a layerwise model's decoder layers come from; None when the whole model is resident."""
+        return None if self.layerwise is None else self.layerwise.store
 
     @property
     def adapter(self) -> Adapter:
         return self.arch.adapter
+
+    def blocks_with_weights(self, layers: Iterable[int]) -> Iterator[tuple[int, torch.nn.Module]]:
+        """(layer, decoder layer module) of each of `layers` with its weights, for code that reads weights
+        outside a forward pass: the resident module, or, layerwise, the layer read for the loop body and
+        dropped when the loop moves on."""
+        blocks = self.adapter.blocks(self.model)
+        for layer in layers:
+            if self.store is None:
+                yield layer, blocks[layer]
+            else:
+                with self.store.layer(layer) as block:
+                    yield layer, block
 
     @property
     def n_layers(self) -> int:
@@ -225,31 +245,47 @@ def _load_gguf(loc: Location, cache_root: Path, use_cache: bool) -> tuple[PreTra
     return model, cached
 
 
+def convert_gguf(loc: Location, cache_root: Path) -> Path:
+    """Dequantize a GGUF into the conversion cache without keeping the model (the layerwise load reads the
+    cached copy); the folder of the copy."""
+    _, cached = _load_gguf(loc, cache_root, use_cache=True)
+    assert cached is not None
+    return cached
+
+
+def _random_model(cfg: Any) -> Any:
+    """A tiny random model: the same seed gives the same weights in either execution."""
+    torch.manual_seed(cfg.init_seed)
+    config = tiny_config(cfg.model_type, dict(cfg.arch))
+    return AutoModelForCausalLM.from_config(config, attn_implementation=str(cfg.attn_implementation))
+
+
+def _provenance(cfg: Any, loc: Location | None) -> dict[str, Any]:
+    if loc is None:
+        return {"model_type": cfg.model_type, "init_seed": cfg.init_seed}
+    if loc.gguf is not None:
+        return {"gguf_file": str(loc.gguf), "package": cfg.package}
+    return {"hub_id": cfg.hub_id, "revision": cfg.revision, "path": cfg.path}
+
+
 def _build(
     cfg: Any, loc: Location | None, dtype: torch.dtype, device: str, cache_root: Path
 ) -> tuple[Any, dict]:
     """The model and what to record about its source."""
     common: dict[str, Any] = {"attn_implementation": str(cfg.attn_implementation)}
     if loc is None:
-        torch.manual_seed(cfg.init_seed)
-        model = AutoModelForCausalLM.from_config(tiny_config(cfg.model_type, dict(cfg.arch)), **common)
-        return model, {"model_type": cfg.model_type, "init_seed": cfg.init_seed}
+        return _random_model(cfg), _provenance(cfg, loc)
     if loc.gguf is not None:
         model, cached = _load_gguf(loc, cache_root, bool(cfg.cache_converted))
         model.set_attn_implementation(str(cfg.attn_implementation))
-        provenance = {
-            "gguf_file": str(loc.gguf),
-            "package": cfg.package,
-            "converted_cache": str(cached) if cached else None,
-        }
-        return model, provenance
+        return model, {**_provenance(cfg, loc), "converted_cache": str(cached) if cached else None}
     if device == "auto":
         common["device_map"] = "auto"
     revision = cfg.revision if str(cfg.source) == "hub" else None
     model = AutoModelForCausalLM.from_pretrained(
         loc.where, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=revision, **common
     )
-    return model, {"hub_id": cfg.hub_id, "revision": cfg.revision, "path": cfg.path}
+    return model, _provenance(cfg, loc)
 
 
 def load_tokenizer(cfg: Any, cache_root: str | Path) -> Any:
@@ -284,11 +320,34 @@ def load_tokenizer(cfg: Any, cache_root: str | Path) -> Any:
         ) from None
 
 
+def _target(device: str) -> str:
+    """The one device of a model that device_map did not place."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def _build_layerwise(
+    cfg: Any, loc: Location | None, arch: Arch, dtype: torch.dtype, device: str, cache_root: Path
+) -> tuple[Any, dict, Layerwise]:
+    """The weightless model with its resident parts, and its layer store (execution=layerwise)."""
+    model, layerwise = build_layerwise(
+        cfg, loc, arch.adapter.layers_path, dtype, _target(device), cache_root, lambda: _random_model(cfg)
+    )
+    folder = layerwise.checkpoint.folder
+    read = {"layers_read_from": None if loc is None else str(folder)}
+    return model, {**_provenance(cfg, loc), **read}, layerwise
+
+
 def load_model(
-    cfg: Any, dtype: str, device: str, cache_root: str | Path, tokenizer: Any = None
+    cfg: Any,
+    dtype: str,
+    device: str,
+    cache_root: str | Path,
+    tokenizer: Any = None,
+    execution: str = "memory",
 ) -> LoadedModel:
     """Build the model that `cfg` (a ModelConfig) names, in `dtype` on `device` (with `tokenizer`, or the
-    one `load_tokenizer` gives)."""
+    one `load_tokenizer` gives); `execution=layerwise` builds it without its decoder layers' weights,
+    which `LoadedModel.store` reads one layer at a time."""
     dtype, device = str(dtype), str(device)  # StrEnum members or plain strings
     require(dtype in DTYPES, "dtype", f"unknown dtype '{dtype}'", DTYPES)
     require(
@@ -300,8 +359,12 @@ def load_model(
     arch = describe_model(cfg, cache_root)  # the family is known before any implementation is chosen
     tokenizer = load_tokenizer(cfg, cache_root) if tokenizer is None else tokenizer
     loc = None if str(cfg.source) == "random" else locate(cfg, cache_root)
+    layerwise = None
     try:
-        model, provenance = _build(cfg, loc, DTYPES[dtype], device, cache_root)
+        if str(execution) == "layerwise":
+            model, provenance, layerwise = _build_layerwise(cfg, loc, arch, DTYPES[dtype], device, cache_root)
+        else:
+            model, provenance = _build(cfg, loc, DTYPES[dtype], device, cache_root)
     except ConfigError:
         raise
     except ImportError as err:  # an attention implementation whose package is not installed
@@ -314,11 +377,11 @@ def load_model(
         raise _config_error(cfg, loc or Location(str(cfg.model_type)), err) from None
 
     placed = device == "auto" and loc is not None and loc.gguf is None  # device_map="auto" placed it
-    if not placed:
-        target = "cuda" if device == "auto" and torch.cuda.is_available() else device
-        model = model.to(device="cpu" if target == "auto" else target, dtype=DTYPES[dtype])
+    if layerwise is None and not placed:
+        model = model.to(device=_target(device), dtype=DTYPES[dtype])
     model.eval()
     info: dict[str, Any] = {"name": cfg.name, "source": str(cfg.source), "dtype": dtype, "device": device}
+    info["execution"] = str(execution)
     info.update(provenance)
     info.update(
         model_type=model.config.model_type,
@@ -327,4 +390,4 @@ def load_model(
         attn_implementation=model.config._attn_implementation,
         commit_hash=getattr(model.config, "_commit_hash", None),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, info=info, layerwise=layerwise)

@@ -28,8 +28,13 @@ class _Entry:
     checksums: torch.Tensor
 
 
+def _resident(lm: LoadedModel) -> list[torch.nn.Parameter]:
+    """The parameters held in memory (a layerwise model's decoder layers are read afresh every time)."""
+    return [p for p in lm.model.parameters() if not p.is_meta]
+
+
 def _versions(lm: LoadedModel) -> list[int]:
-    return [p._version for p in lm.model.parameters()]  # noqa: SLF001 (bumped by every in-place write)
+    return [p._version for p in _resident(lm)]  # noqa: SLF001 (bumped by every in-place write)
 
 
 def bit_checksum(t: torch.Tensor) -> torch.Tensor:
@@ -46,7 +51,7 @@ def bit_checksum(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _checksums(lm: LoadedModel) -> torch.Tensor:
-    return torch.stack([bit_checksum(p).cpu() for p in lm.model.parameters()])
+    return torch.stack([bit_checksum(p).cpu() for p in _resident(lm)])
 
 
 def _clean(lm: LoadedModel) -> bool:
@@ -66,18 +71,19 @@ class ModelReuse:
         self.last_reused = False  # whether the last `get` handed out a stored model (recorded in env.json)
 
     @staticmethod
-    def key(model_cfg: Any, dtype: str, device: str) -> str:
+    def key(model_cfg: Any, dtype: str, device: str, execution: str = "memory") -> str:
         data = (
             OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else model_cfg
         )
-        return json.dumps(
-            {"model": data, "dtype": str(dtype), "device": str(device)}, sort_keys=True, default=str
-        )
+        where = {"dtype": str(dtype), "device": str(device), "execution": str(execution)}
+        return json.dumps({"model": data, **where}, sort_keys=True, default=str)
 
-    def tokenizer(self, model_cfg: Any, dtype: str, device: str, cache_root: str | Path) -> Any:
+    def tokenizer(
+        self, model_cfg: Any, dtype: str, device: str, cache_root: str | Path, execution: str = "memory"
+    ) -> Any:
         """The tokenizer of the stored model, else one loaded on its own (no weights): a sweep's jobs share
         one tokenizer object, so the corpus is tokenized once."""
-        entry = self._entries.get(self.key(model_cfg, dtype, device))
+        entry = self._entries.get(self.key(model_cfg, dtype, device, execution))
         return entry.lm.tokenizer if entry is not None else load_tokenizer(model_cfg, cache_root)
 
     def get(
@@ -88,10 +94,11 @@ class ModelReuse:
         cache_root: str | Path,
         keep: int,
         tokenizer: Any = None,
+        execution: str = "memory",
     ) -> LoadedModel:
         """The stored model when it is provably unchanged, else a fresh load (with `tokenizer` when given);
         at most `keep` stay stored."""
-        key = self.key(model_cfg, dtype, device)
+        key = self.key(model_cfg, dtype, device, execution)
         entry = self._entries.pop(key, None) if keep > 0 else None
         if entry is not None and self._unchanged(entry):
             lm, checksums = entry.lm, entry.checksums
@@ -102,7 +109,7 @@ class ModelReuse:
                 print("stored model was modified (or left hooked) by an earlier job: loading it again")
             entry = None
             self._evict(max(0, keep - 1))  # free memory before loading another model
-            lm = load_model(model_cfg, dtype, device, cache_root, tokenizer)
+            lm = load_model(model_cfg, dtype, device, cache_root, tokenizer, execution)
             self.loads += 1
             checksums = _checksums(lm) if keep > 0 else torch.empty(0)
         if keep > 0:

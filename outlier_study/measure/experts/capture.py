@@ -140,12 +140,11 @@ def expert_taps(spec: MoESpec) -> list[str]:
 def _router_hook(
     site: Site, router_weight: nn.Module, sink: Sink, taps: frozenset[str]
 ) -> Callable[..., None]:
-    weight = router_weight.weight
-    bias = getattr(router_weight, "bias", None)
-
     def pre(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         b, t = site.shape
         x = first_tensor(args, kwargs).reshape(b * t, -1)
+        # read when the hook runs: a layerwise model holds the weight only while its layer runs
+        weight, bias = router_weight.weight, getattr(router_weight, "bias", None)
         with torch.no_grad():
             logits = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
             logits = logits.view(b, t, -1)
