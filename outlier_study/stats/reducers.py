@@ -1,4 +1,8 @@
-"""Streaming reducers for one (layer, tap): fed inside a forward hook, they keep only small summaries.
+"""The reference reducer of one (layer, tap): fed inside a forward hook, it keeps only small summaries.
+
+`TapReducer` is the specification: torch and numpy passes that run on any device. The fused reducer
+(`stats.fused`, one compiled pass per window on CPU) is tested equal to it; both merge their updates into
+the running state with the same code (`stats.tapstats.TapState`).
 
 A hook sees each activation once and must not hold on to it (a 17-tap x 30-layer profile would not fit
 in memory otherwise), so every statistic here is mergeable across `update` calls: running top-k, Chan
@@ -16,19 +20,19 @@ Cost matters as much as correctness (the whole profile may add at most ~30% to a
 - masks are only built when a valid mask is given or non-finite values show up.
 
 Per-channel moments merge with `stats.moments.merge_channel_moments` (the rule ChannelReducer uses too).
+Kept top-k entries are ordered by `tapstats.top_order` (of equal |a|, the earlier window, token, channel).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from outlier_study.stats.moments import EMPTY_MOMENTS, Moments, merge_channel_moments, merge_moments
 from outlier_study.stats.selection import rank_value, use_numpy_select
+from outlier_study.stats.tapstats import TapState
 
 # Above this |a| the float32 fourth powers used for the moments could overflow: such batches go float64.
 _F32_MOMENT_LIMIT = 1e8
@@ -37,6 +41,7 @@ _INVALID = -1.0  # |a| is >= 0, so -1 marks excluded entries in the abs buffer (
 _CHUNK_ELEMENTS = 1 << 20
 
 _scratch_local = threading.local()
+_PROBE = np.random.default_rng(0)  # median probing only (thread-safe); results do not depend on it
 
 
 def _scratch(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -64,48 +69,6 @@ def release_scratch() -> None:
     _scratch_local.buffers = {}
 
 
-@dataclass
-class TopEntry:
-    """One of the k largest |a| with its exact position, so outliers can be traced to tokens/channels."""
-
-    value: float  # signed value
-    abs: float
-    window: int  # global window index
-    token: int
-    channel: int
-
-
-@dataclass
-class TapStats:
-    """Summary of one (layer, tap) over all windows seen so far.
-
-    Quantities that need at least one finite element (max_abs, mean, std, kurtosis, median_abs, channel
-    values of channels without any element) are nan when there is none; counts are 0.
-    `median_abs` is the mean of the per-window medians of |a| (nan medians of all-non-finite windows are
-    ignored), not the median over all windows pooled: the exact pooled median cannot be streamed.
-    """
-
-    n_windows: int
-    n_elements: int  # finite (and valid) elements that entered the statistics
-    nan_count: int
-    inf_count: int
-    max_abs: float
-    top: list[TopEntry]  # k largest |a| over all windows, descending by abs (ties: any order)
-    window_medians: list[float]  # lower median |a| of each window, in window order (nan: no element)
-    median_abs: float  # mean of the non-nan window_medians
-    ma_count: int  # elements with |a| > ma_abs and |a| >= ma_ratio * (their window's median |a|)
-    mean: float
-    std: float  # population std
-    kurtosis: float  # Pearson (non-excess) m4 / m2^2, Gaussian -> 3; nan if m2 == 0
-    channel_mean: np.ndarray | None  # (C,) float64
-    channel_std: np.ndarray | None  # (C,) population std
-    channel_absmax: np.ndarray | None  # (C,)
-    channel_count: np.ndarray | None  # (C,) finite (and valid) values per channel
-
-
-StatsByTap = dict[tuple[int, str], TapStats]  # a profile's result: (layer, tap) -> its statistics
-
-
 def _ceil_to(value: float, dtype: np.dtype) -> float:
     """Smallest `dtype` number >= value, so `a >= result` in that dtype equals `a >= value` exactly."""
     v = dtype.type(value)
@@ -127,42 +90,9 @@ def _fill_excluded(t: torch.Tensor, keep: torch.Tensor, value: float) -> None:
     torch.where(keep, t, torch.full((), value, dtype=t.dtype, device=t.device), out=t)
 
 
-class TapReducer:
-    """Streaming statistics of one tap; `update` never keeps a reference to the activation it is fed."""
-
-    def __init__(
-        self,
-        top_k: int = 3,
-        ma_abs: float = 100.0,
-        ma_ratio: float = 1000.0,
-        channel_stats: bool = True,
-        moments: bool = True,
-    ) -> None:
-        """`moments=False` skips every moment (global and per channel: mean, std, kurtosis and the channel
-        arrays come back nan / None), the four elementwise passes of a tap; an experiment that reads only
-        max, top-k, medians and MA counts asks for that."""
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        self.top_k = top_k
-        self.ma_abs = float(ma_abs)
-        self.ma_ratio = float(ma_ratio)
-        self.moments = moments
-        self.channel_stats = channel_stats and moments
-        self._n_windows = 0
-        self._nan = 0
-        self._inf = 0
-        self._max_abs = -math.inf
-        self._top: list[TopEntry] = []
-        self._medians: dict[int, float] = {}
-        self._count = 0  # valid finite elements seen
-        self._ma = 0
-        self._moments: Moments = EMPTY_MOMENTS
-        self._channels: int | None = None
-        self._ch_count: np.ndarray | None = None
-        self._ch_mean: np.ndarray | None = None
-        self._ch_m2: np.ndarray | None = None
-        self._ch_absmax: np.ndarray | None = None
-        self._rng = np.random.default_rng(0)  # median probing only; results do not depend on it
+class TapReducer(TapState):
+    """The reference reducer (torch and numpy passes over chunks of windows; arguments of `TapState`):
+    streaming statistics of one tap; `update` never keeps a reference to the activation it is fed."""
 
     # ------------------------------------------------------------------ update
 
@@ -172,22 +102,10 @@ class TapReducer:
         dtype (float16/bfloat16 are upcast to float32). valid: optional bool tensor broadcastable to x; False
         entries (e.g. masked attention scores) are excluded from EVERY statistic and do not count as elements.
         Non-finite valid entries are counted in nan_count/inf_count and otherwise treated as invalid."""
-        if x.dim() != 3:
-            raise ValueError(f"expected a (B, T, C) tensor, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"expected a floating tensor, got {x.dtype}")
-        x = x.detach()
-        B, T, C = x.shape
-        if self._channels is None:
-            self._channels = C
-        elif C != self._channels:
-            raise ValueError(f"channel count changed from {self._channels} to {C}")
-        self._n_windows += B
-        if x.numel() == 0:
-            for b in range(B):
-                self._medians[window_offset + b] = math.nan
+        x = self._begin(x, window_offset)
+        if x is None:
             return
-
+        B, T, C = x.shape
         mask: torch.Tensor | None = None  # entries that enter the statistics; None = all of them
         if valid is not None:
             valid = valid.to(device=x.device, dtype=torch.bool)
@@ -236,8 +154,8 @@ class TapReducer:
             self._max_abs = max(self._max_abs, top)
         if self.channel_stats:
             absmax.append(wc.amax(dim=0))
-        if self.top_k and (len(self._top) < self.top_k or top > self._top[-1].abs):
-            tops.append(self._chunk_top(xc, a, wc, offset))  # else nothing here could enter the top-k
+        if self.top_k and (len(self._top) < self.top_k or top >= self._top[-1].abs):
+            tops.append(self._chunk_top(xc, a, wc, offset))  # else none can enter (ties: see top_order)
         if self.moments:
             rows = bw * T
             block = max(1, _CHUNK_ELEMENTS // C)
@@ -281,16 +199,6 @@ class TapReducer:
         bb, cc = b_idx[j], c_idx[j]
         cols = (vals, xc[bb, t_idx, cc], bb + offset, t_idx, cc)
         return torch.stack([c.to(torch.float64) for c in cols], dim=1)
-
-    def _merge_top(self, rows: list[list[float]]) -> None:
-        new = [
-            TopEntry(value=value, abs=absval, window=int(w), token=int(t), channel=int(c))
-            for absval, value, w, t, c in rows
-            if absval >= 0.0  # _INVALID entries are negative
-        ]
-        merged = self._top + new
-        merged.sort(key=lambda e: e.abs, reverse=True)
-        self._top = merged[: self.top_k]
 
     @staticmethod
     def _block_moments(xb: torch.Tensor, mb: torch.Tensor | None, use64: bool) -> torch.Tensor:
@@ -343,7 +251,7 @@ class TapReducer:
             bm4 = float(
                 s4.sum() + 4.0 * np.dot(f, s3) + 6.0 * np.dot(f2, s2) + 4.0 * np.dot(f3, s1) + np.dot(nf, f3)
             )
-            self._moments = merge_moments(self._moments, (n_tot, mean, bm2, bm3, bm4))
+            self._merge_moments((n_tot, mean, bm2, bm3, bm4))
 
         if not self.channel_stats:
             return
@@ -354,12 +262,7 @@ class TapReducer:
         m2_c = np.maximum((s2 + f * (2.0 * s1 + n * f)).sum(axis=0), 0.0)
         # Channels without a valid element carry -1 (_INVALID) here; result() reports them as nan anyway.
         ch_max = (absmax[0] if len(absmax) == 1 else torch.stack(absmax).amax(dim=0)).cpu().numpy()
-        if self._ch_count is None:
-            self._ch_count, self._ch_mean, self._ch_m2 = np.zeros(C), np.zeros(C), np.zeros(C)
-            self._ch_absmax = np.full(C, -np.inf)
-        merged = merge_channel_moments((self._ch_count, self._ch_mean, self._ch_m2), (n_c, mean_c, m2_c))
-        self._ch_count, self._ch_mean, self._ch_m2 = merged
-        self._ch_absmax = np.maximum(self._ch_absmax, ch_max)
+        self._merge_channels(n_c, mean_c, m2_c, ch_max)
 
     def _chunk_medians_and_ma(
         self, a: torch.Tensor, mc: torch.Tensor | None, wmax: list[float], offset: int
@@ -386,7 +289,7 @@ class TapReducer:
                 self._medians[offset + b] = math.nan
                 continue
             if rows_np is not None:
-                med = rank_value(row_np, (nv - 1) // 2, self._rng)  # may reorder: scratch or a copy
+                med = rank_value(row_np, (nv - 1) // 2, _PROBE)  # may reorder: scratch or a copy
             else:
                 rank = (per_row - nv) + (nv - 1) // 2
                 med = float(torch.kthvalue(rows[b], rank + 1).values)
@@ -401,44 +304,3 @@ class TapReducer:
                 thr = _floor_to(self.ma_abs, np_dtype)
                 hits = np.count_nonzero(row_np > thr) if rows_np is not None else (rows[b] > thr).sum()
             self._ma += int(hits)
-
-    # ------------------------------------------------------------------ result
-
-    def result(self) -> TapStats:
-        """Snapshot of the statistics so far; copies everything, so later updates are not disturbed."""
-        n, mean, m2, _, m4 = self._moments
-        if n > 0:  # moments skipped: n is 0, so all three are nan
-            std = math.sqrt(m2 / n)
-            kurt = n * m4 / (m2 * m2) if m2 > 0 else math.nan
-        else:
-            mean = std = kurt = math.nan
-        medians = [self._medians[w] for w in sorted(self._medians)]
-        finite_medians = [m for m in medians if not math.isnan(m)]
-        median_abs = sum(finite_medians) / len(finite_medians) if finite_medians else math.nan
-
-        ch_mean = ch_std = ch_absmax = ch_count = None
-        if self.channel_stats and self._ch_count is not None:
-            cnt = self._ch_count
-            has = cnt > 0
-            ch_mean = np.where(has, self._ch_mean, np.nan)
-            ch_std = np.sqrt(np.divide(self._ch_m2, cnt, out=np.full(cnt.shape, np.nan), where=has))
-            ch_absmax = np.where(has, self._ch_absmax, np.nan)
-            ch_count = cnt.astype(np.int64)
-        return TapStats(
-            n_windows=self._n_windows,
-            n_elements=self._count,
-            nan_count=self._nan,
-            inf_count=self._inf,
-            max_abs=self._max_abs if self._count > 0 else math.nan,
-            top=[TopEntry(e.value, e.abs, e.window, e.token, e.channel) for e in self._top],
-            window_medians=medians,
-            median_abs=median_abs,
-            ma_count=self._ma,
-            mean=mean,
-            std=std,
-            kurtosis=kurt,
-            channel_mean=ch_mean,
-            channel_std=ch_std,
-            channel_absmax=ch_absmax,
-            channel_count=ch_count,
-        )
