@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from outlier_study.stats.fused import FusedReducer, load_kernel
+from outlier_study.measure.profiler import profile_windows
+from outlier_study.stats import choose
+from outlier_study.stats.fused import FusedReducer, build, load_kernel
 from outlier_study.stats.reducers import TapReducer
 from outlier_study.stats.tapstats import TapStats
 from tests.test_reducers import Chunk, assert_matches, random_windows, reference, split
@@ -246,3 +248,48 @@ def test_update_keeps_input_untouched_and_rejects_bad_input(kernel: ModuleType) 
         red.update(torch.zeros(1, 2, 16, dtype=torch.int32), 0)
     with pytest.raises(ValueError):
         red.update(torch.zeros(1, 2, 4), 1)
+
+
+def test_a_failed_build_falls_back_with_one_warning_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(_verbose: bool) -> ModuleType:
+        raise RuntimeError("Error building extension 'outlier_study_fused'\nc++: not found")
+
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(build, "_compile", broken)
+    assert choose.tap_reducer("auto", True) is TapReducer
+    assert choose.tap_reducer("fused", True) is TapReducer
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: the fused reducer could not be built")
+    assert choose.tap_reducer("reference", True) is TapReducer
+
+
+def test_reducer_choice(kernel: ModuleType) -> None:
+    assert choose.tap_reducer("auto", False) is TapReducer  # tensors off the CPU
+    assert choose.tap_reducer("auto", True).func is FusedReducer  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="CPU"):
+        choose.tap_reducer("fused", False)
+
+
+def test_profile_windows_same_statistics_with_either_reducer(
+    kernel: ModuleType, model_cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tiny model end to end, attention maps (causal masks) included; the fused run really is fused."""
+    from tests.helpers import load_named
+
+    lm = load_named("tiny-llama", model_cache)
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(0))
+    taps = [*lm.arch.taps(None), "attn.scores", "attn.probs"]
+    layers = list(range(lm.n_layers))
+    calls: list[int] = []
+    update = FusedReducer.update
+    monkeypatch.setattr(FusedReducer, "update", lambda self, *a: calls.append(1) or update(self, *a))
+    kw = {"progress": False, "batch_size": 2, "ma_abs": 0.5, "ma_ratio": 2.0}
+    fused = profile_windows(lm, ids, taps, layers, reducer="fused", **kw)
+    assert calls
+    ref = profile_windows(lm, ids, taps, layers, reducer="reference", **kw)
+    assert fused.stats.keys() == ref.stats.keys()
+    assert sum(s.ma_count for s in ref.stats.values()) > 0  # the MA rule is exercised
+    for key, stats in ref.stats.items():
+        assert_same(fused.stats[key], stats)

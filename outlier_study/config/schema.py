@@ -17,6 +17,7 @@ from outlier_study.config.vocab import (
     Device,
     DType,
     Granularity,
+    ReducerKind,
     Sampling,
     Source,
     TrackerMode,
@@ -139,6 +140,10 @@ class RootConfig:
     device: Device = opt(Device.cpu, "cpu | cuda | auto (device_map='auto' across GPUs)")
     dtype: DType = opt(DType.float32, "float32 | bfloat16 | float16")
     progress: bool = opt(True, "progress bars over windows")
+    reducer: ReducerKind = opt(
+        ReducerKind.auto,
+        "profile statistics: fused (one compiled pass; CPU) | reference (torch/numpy) | auto (fused on CPU)",
+    )
     reuse_models: int = opt(
         1, "models kept in memory for the next job of an in-process sweep (0 = never)", ge=0
     )

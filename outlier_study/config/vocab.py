@@ -30,6 +30,15 @@ class Device(StrEnum):
     auto = "auto"
 
 
+class ReducerKind(StrEnum):
+    """How a profile reduces each tapped tensor: auto (fused on CPU when the kernel builds, else reference),
+    fused (the compiled one-pass kernel; CPU only) or reference (torch/numpy passes; any device)."""
+
+    auto = "auto"
+    fused = "fused"
+    reference = "reference"
+
+
 class Attention(StrEnum):
     """transformers' attention implementations; attention scores/probs are captured with any of them."""
 

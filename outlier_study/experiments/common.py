@@ -86,6 +86,7 @@ def profile(
         progress=bool(ctx.cfg.progress) if progress is None else progress,
         desc=desc,
         moments=moments,
+        reducer=str(ctx.cfg.reducer),
     )
 
 

@@ -20,8 +20,9 @@ from outlier_study.measure.forward import forward, forward_windows
 from outlier_study.measure.hooks import tap_hooks
 from outlier_study.models.loader import LoadedModel
 from outlier_study.stats.channels import ChannelReducer, ChannelSummary
+from outlier_study.stats.choose import tap_reducer
 from outlier_study.stats.massive import ma_mask
-from outlier_study.stats.reducers import StatsByTap, TapReducer, TapStats
+from outlier_study.stats.tapstats import StatsByTap, TapState, TapStats
 
 ChannelsByTap = dict[tuple[int, str], ChannelSummary]
 NO_MA = "/no_ma"  # key suffix of a tap measured with its MAs left out (profile_channels' `without_ma`)
@@ -139,12 +140,16 @@ def profile_windows(
     progress: bool = True,
     desc: str = "profile",
     moments: bool = True,
+    reducer: str = "auto",
 ) -> Profile:
     """Full statistics of `taps` at `layers` over all windows (per-channel moments but for attention maps);
-    `moments=False` leaves out every moment, for callers that read only max, top-k, medians and MA counts."""
+    `moments=False` leaves out every moment, for callers that read only max, top-k, medians and MA counts.
+    `reducer` is auto | fused | reference (`stats.choose`): the same statistics, computed differently."""
+    on_cpu = all(p.device.type == "cpu" for p in lm.model.parameters())
+    factory = tap_reducer(reducer, on_cpu)
 
-    def make(tap: str) -> TapReducer:
-        return TapReducer(top_k, ma_abs, ma_ratio, channel_stats=tap not in ATTENTION_TAPS, moments=moments)
+    def make(tap: str) -> TapState:
+        return factory(top_k, ma_abs, ma_ratio, channel_stats=tap not in ATTENTION_TAPS, moments=moments)
 
     profiler = Profiler(taps, layers, make, experts=True)
     stats = run_profiler(lm, input_ids, taps, layers, profiler, batch_size, progress, desc)
