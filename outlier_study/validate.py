@@ -18,6 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from outlier_study.config.options import check_bounds, item_schema
 from outlier_study.config.schema import QuantConfig, RootConfig
+from outlier_study.config.vocab import Device, ReducerKind
 from outlier_study.errors import ConfigError, require
 
 if TYPE_CHECKING:
@@ -93,6 +94,12 @@ def typed_config(cfg: DictConfig) -> DictConfig:
         check_bounds(entry.options, options, group)
         OmegaConf.update(root, group, options, force_add=True, merge=False)
     check_bounds(RootConfig, root, "")
+    require(
+        root.reducer != ReducerKind.fused or root.device == Device.cpu,
+        "reducer",
+        f"fused reads CPU tensors, but device={root.device}",
+        [ReducerKind.auto, ReducerKind.reference],
+    )
     from outlier_study.sweep.tracker import check_config as check_logger
 
     check_logger(root)

@@ -171,7 +171,9 @@ def intervention_evaluations(lm: Any, ids: torch.Tensor, batch_size: int) -> flo
     return time.perf_counter() - t
 
 
-def runners(lm: Any, ids: torch.Tensor, layers: list[int], batch_size: int) -> dict[str, Callable[[], None]]:
+def runners(
+    lm: Any, ids: torch.Tensor, layers: list[int], batch_size: int, reducer: str = "auto"
+) -> dict[str, Callable[[], None]]:
     """plain: all windows through `forward`; full / ma: `profile_windows` on those taps, result included;
     hooks / read_once: the full profile's taps with a sink that does nothing / reads each tensor once."""
     from outlier_study.measure.forward import forward, logits_forward
@@ -194,7 +196,9 @@ def runners(lm: Any, ids: torch.Tensor, layers: list[int], batch_size: int) -> d
 
     def profile(taps: list[str], moments: bool = True) -> Callable[[], None]:
         return lambda: (
-            profile_windows(lm, ids, taps, layers, batch_size=batch_size, progress=False, moments=moments)
+            profile_windows(
+                lm, ids, taps, layers, batch_size=batch_size, progress=False, moments=moments, reducer=reducer
+            )
             and None
         )
 
@@ -266,7 +270,7 @@ def child(args: argparse.Namespace) -> None:
     lm, ids, layers, _ = setup(args)
     after_load = peak_rss_kib()
     has_hwm = reset_hwm()
-    run = runners(lm, ids, layers, args.batch_size)
+    run = runners(lm, ids, layers, args.batch_size, args.reducer)
     run["plain"]()
     run[args.mode]()
     peak_after_load = hwm_kib() if has_hwm else None
@@ -301,7 +305,7 @@ def execution_child(args: argparse.Namespace) -> None:
 def measure_rss(args: argparse.Namespace, mode: str) -> dict[str, int]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--mode", mode, "--model", args.model]
     cmd += ["--windows", str(args.windows), "--seq-len", str(args.seq_len)]
-    cmd += ["--batch-size", str(args.batch_size)]
+    cmd += ["--batch-size", str(args.batch_size), "--reducer", args.reducer]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"child --mode {mode} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -390,7 +394,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     lm, ids, layers, note = setup(args)  # also fills the converted-model cache before the children load it
     load_s = time.perf_counter() - t0
-    run = runners(lm, ids, layers, args.batch_size)
+    run = runners(lm, ids, layers, args.batch_size, args.reducer)
     run["plain"]()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in run}
     for _ in range(args.repeats):
@@ -484,6 +488,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "windows": int(ids.shape[0]),
         "seq_len": int(ids.shape[1]),
         "batch_size": args.batch_size,
+        "reducer": args.reducer,
         "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
@@ -502,7 +507,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 def show(result: dict[str, Any]) -> None:
     print(
         f"model {result['model']}, {result['windows']} x {result['seq_len']} tokens, "
-        f"batch {result['batch_size']}, median of {result['repeats']}, {result['torch_threads']} threads"
+        f"batch {result['batch_size']}, median of {result['repeats']}, {result['torch_threads']} threads, "
+        f"reducer {result['reducer']}"
     )
     print(f"data  {result['dataset']}")
     before, after = result["load_avg_1m"]
@@ -521,6 +527,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--reducer", choices=["auto", "fused", "reference"], default="auto", help="config reducer")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=REPO / "outputs/bench/bench.json")
     modes = ["bench", "plain", "full", *EXECUTIONS]

@@ -69,6 +69,8 @@ CASES: list[Case] = [
     # --- a value of the wrong type or outside its vocabulary
     ("dtype", ("dtype=float8",), {}, "dtype"),
     ("device", ("device=tpu",), {}, "device"),
+    ("reducer", ("reducer=fast",), {}, "reducer"),
+    ("reducer-fused-off-cpu", ("reducer=fused", "device=cuda"), {}, "reducer"),
     ("sampling", ("dataset.sampling=shuffled",), {}, "dataset.sampling"),
     ("bos", ("dataset.bos=append",), {}, "dataset.bos"),
     ("seq-len-text", ("dataset.seq_len=long",), {}, "dataset.seq_len"),

@@ -42,7 +42,8 @@ def test_tiny_job_succeeds(tmp_path: Path) -> None:
         ),
         (
             ("dataset=nope",),
-            "error: dataset: unknown option 'nope' (allowed: c4, embedded, local_text, wikitext2, wikitext2_2048)",
+            "error: dataset: unknown option 'nope' "
+            "(allowed: c4, embedded, local_text, wikitext2, wikitext2_2048)",
         ),
         (
             ("dataset.seqlen=4",),

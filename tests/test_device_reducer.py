@@ -17,12 +17,12 @@ import torch
 
 from outlier_study.adapters.experts import moe_specs
 from outlier_study.adapters.taps import EXPERT_TAPS
-from outlier_study.measure import profiler
 from outlier_study.measure.experts import capture_experts
 from outlier_study.measure.profiler import Profiler, profile_windows
 from outlier_study.stats import device_reducer
 from outlier_study.stats.channels import ChannelReducer
-from outlier_study.stats.device_reducer import DeviceTapReducer, tap_reducer_class
+from outlier_study.stats.choose import tap_reducer
+from outlier_study.stats.device_reducer import DeviceTapReducer
 from outlier_study.stats.massive import is_massive
 from outlier_study.stats.reducers import TapReducer, TapStats
 from tests.helpers import load_named
@@ -367,20 +367,19 @@ def test_no_sync_under_cuda_sync_debug_mode() -> None:
 
 
 def test_reducer_by_device() -> None:
-    assert tap_reducer_class("cpu") is TapReducer
-    assert tap_reducer_class(torch.device("cuda", 0)) is DeviceTapReducer
-    assert tap_reducer_class("meta") is DeviceTapReducer
+    assert tap_reducer("auto", False) is DeviceTapReducer  # tensors off the CPU
+    assert tap_reducer("device", True) is DeviceTapReducer
+    assert tap_reducer("reference", False) is TapReducer
 
 
 def test_profile_with_the_device_reducer_equals_the_cpu_one(
-    monkeypatch: pytest.MonkeyPatch, model_cache: Path, token_ids: torch.Tensor
+    model_cache: Path, token_ids: torch.Tensor
 ) -> None:
     """Real hooked activations, attention maps with their causal masks included."""
     lm = load_named("tiny-llama", model_cache)
     taps = ["resid.pre", "attn.scores", "attn.probs", "mlp.hidden", "mlp.out"]
-    ref = profile_windows(lm, token_ids, taps, [0, 2], progress=False)
-    monkeypatch.setattr(profiler, "tap_reducer_class", lambda _device: DeviceTapReducer)
-    got = profile_windows(lm, token_ids, taps, [0, 2], progress=False)
+    ref = profile_windows(lm, token_ids, taps, [0, 2], progress=False, reducer="reference")
+    got = profile_windows(lm, token_ids, taps, [0, 2], progress=False, reducer="device")
     assert got.stats.keys() == ref.stats.keys()
     for key, stats in ref.stats.items():
         # A repeated token gives equal rows at layer 0 and a softmax row of one key an exact 1.0: ties,

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from outlier_study.stats import reducers, selection
-from outlier_study.stats.reducers import TapReducer, TapStats
+from outlier_study.stats.reducers import TapReducer
+from outlier_study.stats.tapstats import TapStats
 
 
 @pytest.fixture(autouse=True, params=[None, 1000, 150], ids=["chunk-default", "chunk-1000", "chunk-150"])
@@ -50,13 +51,16 @@ def feed(chunks: list[Chunk], **kwargs) -> TapStats:
 
 
 def reference(chunks: list[Chunk], top_k: int = 3, ma_abs: float = 100.0, ma_ratio: float = 1000.0) -> dict:
-    """Everything recomputed from the full float64 tensor, indexed by global window."""
+    """Everything recomputed from the full float64 tensor, indexed by global window (chunks without
+    tokens count windows that have no element)."""
     n_windows = max(c.offset + c.x.shape[0] for c in chunks)
     T, C = chunks[0].x.shape[1:]
     X = np.zeros((n_windows, T, C))
     V = np.zeros((n_windows, T, C), dtype=bool)
     for c in chunks:
         b = c.x.shape[0]
+        if c.x.numel() == 0:  # windows without tokens: counted, never valid
+            continue
         X[c.offset : c.offset + b] = c.x.double().numpy()
         v = np.ones((b, T, C), dtype=bool)
         if c.valid is not None:

@@ -18,6 +18,7 @@ from outlier_study.config.vocab import (
     DType,
     Execution,
     Granularity,
+    ReducerKind,
     Sampling,
     Source,
     TrackerMode,
@@ -162,6 +163,11 @@ class RootConfig:
         "read from the checkpoint's safetensors (models larger than memory; same results)",
     )
     progress: bool = opt(True, "progress bars over windows")
+    reducer: ReducerKind = opt(
+        ReducerKind.auto,
+        "profile statistics: fused (one compiled pass; CPU) | reference (torch/numpy) | device (no host "
+        "sync per hook; GPUs) | auto (fused on CPU, device elsewhere); the same statistics",
+    )
     reuse_models: int = opt(
         1, "models kept in memory for the next job of an in-process sweep (0 = never)", ge=0
     )

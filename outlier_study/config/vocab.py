@@ -38,6 +38,17 @@ class Device(StrEnum):
     auto = "auto"
 
 
+class ReducerKind(StrEnum):
+    """How a profile reduces each tapped tensor: auto (on CPU fused when the kernel builds, else reference;
+    on an accelerator device), fused (the compiled one-pass kernel; CPU only), reference (torch/numpy
+    passes; any device) or device (torch ops that never wait for the accelerator in a hook)."""
+
+    auto = "auto"
+    fused = "fused"
+    reference = "reference"
+    device = "device"
+
+
 class Attention(StrEnum):
     """transformers' attention implementations; attention scores/probs are captured with any of them."""
 

@@ -113,6 +113,7 @@ def profile(
         progress=bool(ctx.cfg.progress) if progress is None else progress,
         desc=desc,
         moments=moments,
+        reducer=str(ctx.cfg.reducer),
     )
 
 

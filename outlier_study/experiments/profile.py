@@ -20,7 +20,7 @@ from outlier_study.output import stat_tables as report
 from outlier_study.output.files import write_csv, write_figure, write_npz
 from outlier_study.output.summary import NONFINITE_HEADER, TRACK_HEADER, ma_tracks, nonfinite_rows
 from outlier_study.output.tables import Table, to_markdown, write_table
-from outlier_study.stats.reducers import StatsByTap
+from outlier_study.stats.tapstats import StatsByTap
 
 
 @dataclass

@@ -20,9 +20,9 @@ from outlier_study.measure.forward import forward, forward_windows
 from outlier_study.measure.hooks import tap_hooks
 from outlier_study.models.loader import LoadedModel
 from outlier_study.stats.channels import ChannelReducer, ChannelSummary
-from outlier_study.stats.device_reducer import tap_reducer_class
+from outlier_study.stats.choose import tap_reducer
 from outlier_study.stats.massive import ma_mask
-from outlier_study.stats.reducers import StatsByTap, TapStats
+from outlier_study.stats.tapstats import StatsByTap, TapStats
 
 ChannelsByTap = dict[tuple[int, str], ChannelSummary]
 NO_MA = "/no_ma"  # key suffix of a tap measured with its MAs left out (profile_channels' `without_ma`)
@@ -140,14 +140,15 @@ def profile_windows(
     progress: bool = True,
     desc: str = "profile",
     moments: bool = True,
+    reducer: str = "auto",
 ) -> Profile:
     """Full statistics of `taps` at `layers` over all windows (per-channel moments but for attention maps);
-    `moments=False` leaves out every moment, for callers that read only max, top-k, medians and MA counts."""
-
-    reducer = tap_reducer_class(lm.input_device)  # on a GPU: the one that never waits for the device
+    `moments=False` leaves out every moment, for callers that read only max, top-k, medians and MA counts.
+    `reducer` is auto | fused | reference (`stats.choose`): the same statistics, computed differently."""
+    factory = tap_reducer(reducer, lm.input_device.type == "cpu")  # layerwise: the layers are on meta
 
     def make(tap: str) -> Reducer:
-        return reducer(top_k, ma_abs, ma_ratio, channel_stats=tap not in ATTENTION_TAPS, moments=moments)
+        return factory(top_k, ma_abs, ma_ratio, channel_stats=tap not in ATTENTION_TAPS, moments=moments)
 
     profiler = Profiler(taps, layers, make, experts=True)
     stats = run_profiler(lm, input_ids, taps, layers, profiler, batch_size, progress, desc)

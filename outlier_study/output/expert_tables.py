@@ -15,7 +15,7 @@ import numpy as np
 from outlier_study.adapters.taps import CANONICAL_TAPS, ROUTING, SHARED_EXPERT, split_expert
 from outlier_study.output.stat_tables import is_massive_entry, layer_stat_rows
 from outlier_study.output.tables import Table
-from outlier_study.stats.reducers import StatsByTap
+from outlier_study.stats.tapstats import StatsByTap
 
 EXPERT_STATS_HEADER = ("layer", "tap", "expert", "statistic", "value")
 EXPERT_MA_HEADER = (

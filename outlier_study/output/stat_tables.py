@@ -10,7 +10,7 @@ import numpy as np
 
 from outlier_study.adapters.taps import ATTENTION_TAPS
 from outlier_study.stats.massive import is_massive
-from outlier_study.stats.reducers import StatsByTap, TapStats, TopEntry
+from outlier_study.stats.tapstats import StatsByTap, TapStats, TopEntry
 
 LAYER_STATS_HEADER = ("layer", "tap", "statistic", "value", "layer_type")
 TOPK_HEADER = (

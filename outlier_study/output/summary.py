@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from outlier_study.adapters.taps import CANONICAL_TAPS
-from outlier_study.stats.reducers import StatsByTap
+from outlier_study.stats.tapstats import StatsByTap
 
 # Taps of the residual width: the same channel index names the same residual channel in all of them.
 RESIDUAL_WIDTH = frozenset(

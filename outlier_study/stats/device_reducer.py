@@ -34,12 +34,11 @@ from outlier_study.stats.reducers import (
     _fill_excluded,
     _floor_to,
     _scratch,
-    check_tap_input,
     column_candidates,
     iter_chunks,
     top_rows,
 )
-from outlier_study.stats.tapstats import TapStats, TopEntry, assemble_stats, combine_groups
+from outlier_study.stats.tapstats import TapStats, TopEntry, assemble_stats, check_tap_input, combine_groups
 
 # Whole windows of about this many values per chunk: more than on CPU (fewer kernel launches), while the
 # scratch buffers (|a|, two moment buffers, an upcast copy) stay at 64 MiB each in float32.
@@ -300,9 +299,3 @@ class DeviceTapReducer:
             moments=moments,
             channels=channels,
         )
-
-
-def tap_reducer_class(device: torch.device | str) -> type[TapReducer] | type[DeviceTapReducer]:
-    """The reducer for activations on `device`: TapReducer on the CPU (numpy's selection there is ~10x
-    faster than torch's), DeviceTapReducer elsewhere, where TapReducer's per-chunk syncs would stall it."""
-    return TapReducer if torch.device(device).type == "cpu" else DeviceTapReducer

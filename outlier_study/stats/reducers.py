@@ -1,4 +1,10 @@
-"""Streaming reducers for one (layer, tap): fed inside a forward hook, they keep only small summaries.
+"""The reference reducer of one (layer, tap): fed inside a forward hook, it keeps only small summaries.
+
+`TapReducer` is the specification: torch and numpy passes that run on any device. The fused reducer
+(`stats.fused`, one compiled pass per window on CPU) and the device reducer (`stats.device_reducer`) are
+tested equal to it; the fused one merges its updates into the running state with the same code
+(`stats.tapstats.TapState`). Kept top-k entries are ordered by `tapstats.top_order` (of equal |a|, the
+earlier window, token, channel).
 
 A hook sees each activation once and must not hold on to it (a 17-tap x 30-layer profile would not fit
 in memory otherwise), so every statistic here is mergeable across `update` calls: running top-k, Chan
@@ -27,9 +33,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from outlier_study.stats.moments import EMPTY_MOMENTS, Moments, merge_channel_moments, merge_moments
 from outlier_study.stats.selection import rank_value, use_numpy_select
-from outlier_study.stats.tapstats import StatsByTap, TapStats, TopEntry, assemble_stats, combine_groups
+from outlier_study.stats.tapstats import StatsByTap, TapState, TapStats, TopEntry, combine_groups
 
 # The result types live in stats/tapstats.py (shared with the device reducer); imported from here too.
 __all__ = ["StatsByTap", "TapReducer", "TapStats", "TopEntry", "release_scratch"]
@@ -39,6 +44,7 @@ _F32_MOMENT_LIMIT = 1e8
 _INVALID = -1.0  # |a| is >= 0, so -1 marks excluded entries in the abs buffer (never a top-k or MA hit)
 # Chunk size in elements (4 MiB of float32): the input slice, |a| and two moment buffers stay cache-sized.
 _CHUNK_ELEMENTS = 1 << 20
+_PROBE = np.random.default_rng(0)  # median probing only (thread-safe); results do not depend on it
 
 _scratch_local = threading.local()
 
@@ -89,17 +95,6 @@ def _fill_excluded(t: torch.Tensor, keep: torch.Tensor, value: float) -> None:
     torch.where(keep, t, torch.full((), value, dtype=t.dtype, device=t.device), out=t)
 
 
-def check_tap_input(x: torch.Tensor, channels: int | None) -> int:
-    """x must be a floating (B, T, C) tensor with the channel count of earlier updates (None: first)."""
-    if x.dim() != 3:
-        raise ValueError(f"expected a (B, T, C) tensor, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"expected a floating tensor, got {x.dtype}")
-    if channels is not None and x.shape[2] != channels:
-        raise ValueError(f"channel count changed from {channels} to {x.shape[2]}")
-    return x.shape[2]
-
-
 def iter_chunks(x: torch.Tensor, chunk_elements: int) -> Iterator[tuple[int, torch.Tensor]]:
     """(first window, chunk) over whole windows of x (B, T, C), about `chunk_elements` values each. A chunk
     that is not float32/64 or not contiguous is upcast / compacted into a scratch buffer, one chunk at a
@@ -142,42 +137,9 @@ def top_rows(
     return torch.stack([c.to(torch.float64) for c in cols], dim=1)
 
 
-class TapReducer:
-    """Streaming statistics of one tap; `update` never keeps a reference to the activation it is fed."""
-
-    def __init__(
-        self,
-        top_k: int = 3,
-        ma_abs: float = 100.0,
-        ma_ratio: float = 1000.0,
-        channel_stats: bool = True,
-        moments: bool = True,
-    ) -> None:
-        """`moments=False` skips every moment (global and per channel: mean, std, kurtosis and the channel
-        arrays come back nan / None), the four elementwise passes of a tap; an experiment that reads only
-        max, top-k, medians and MA counts asks for that."""
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        self.top_k = top_k
-        self.ma_abs = float(ma_abs)
-        self.ma_ratio = float(ma_ratio)
-        self.moments = moments
-        self.channel_stats = channel_stats and moments
-        self._n_windows = 0
-        self._nan = 0
-        self._inf = 0
-        self._max_abs = -math.inf
-        self._top: list[TopEntry] = []
-        self._medians: dict[int, float] = {}
-        self._count = 0  # valid finite elements seen
-        self._ma = 0
-        self._moments: Moments = EMPTY_MOMENTS
-        self._channels: int | None = None
-        self._ch_count: np.ndarray | None = None
-        self._ch_mean: np.ndarray | None = None
-        self._ch_m2: np.ndarray | None = None
-        self._ch_absmax: np.ndarray | None = None
-        self._rng = np.random.default_rng(0)  # median probing only; results do not depend on it
+class TapReducer(TapState):
+    """The reference reducer (torch and numpy passes over chunks of windows; arguments of `TapState`):
+    streaming statistics of one tap; `update` never keeps a reference to the activation it is fed."""
 
     # ------------------------------------------------------------------ update
 
@@ -187,14 +149,10 @@ class TapReducer:
         dtype (float16/bfloat16 are upcast to float32). valid: optional bool tensor broadcastable to x; False
         entries (e.g. masked attention scores) are excluded from EVERY statistic and do not count as elements.
         Non-finite valid entries are counted in nan_count/inf_count and otherwise treated as invalid."""
-        self._channels = check_tap_input(x, self._channels)
-        x = x.detach()
-        B, T, C = x.shape
-        self._n_windows += B
-        if x.numel() == 0:
-            for b in range(B):
-                self._medians[window_offset + b] = math.nan
+        x = self._begin(x, window_offset)
+        if x is None:
             return
+        B, T, C = x.shape
 
         mask: torch.Tensor | None = None  # entries that enter the statistics; None = all of them
         if valid is not None:
@@ -237,8 +195,8 @@ class TapReducer:
             self._max_abs = max(self._max_abs, top)
         if self.channel_stats:
             absmax.append(wc.amax(dim=0))
-        if self.top_k and (len(self._top) < self.top_k or top > self._top[-1].abs):
-            tops.append(self._chunk_top(xc, a, wc, offset))  # else nothing here could enter the top-k
+        if self.top_k and (len(self._top) < self.top_k or top >= self._top[-1].abs):
+            tops.append(self._chunk_top(xc, a, wc, offset))  # else none can enter (ties: see top_order)
         if self.moments:
             rows = bw * T
             block = max(1, _CHUNK_ELEMENTS // C)
@@ -273,16 +231,6 @@ class TapReducer:
         b_idx, c_idx, cand = column_candidates(a, col)
         vals, flat = cand.reshape(-1).topk(min(self.top_k, cand.numel()))
         return top_rows(xc, b_idx, c_idx, vals, flat, offset)
-
-    def _merge_top(self, rows: list[list[float]]) -> None:
-        new = [
-            TopEntry(value=value, abs=absval, window=int(w), token=int(t), channel=int(c))
-            for absval, value, w, t, c in rows
-            if absval >= 0.0  # _INVALID entries are negative
-        ]
-        merged = self._top + new
-        merged.sort(key=lambda e: e.abs, reverse=True)
-        self._top = merged[: self.top_k]
 
     @staticmethod
     def _block_moments(
@@ -329,18 +277,13 @@ class TapReducer:
     def _merge_moments_and_channels(self, groups: np.ndarray, absmax: list[torch.Tensor]) -> None:
         """Merge the batch's (G, 6, C) block sums (see `combine_groups`) into the running state."""
         moments, channels = combine_groups(groups, self.channel_stats)
-        self._moments = merge_moments(self._moments, moments)
+        if moments[0] > 0:
+            self._merge_moments(moments)
         if channels is None:
             return
-        C = groups.shape[2]
         # Channels without a valid element carry -1 (_INVALID) here; result() reports them as nan anyway.
         ch_max = (absmax[0] if len(absmax) == 1 else torch.stack(absmax).amax(dim=0)).cpu().numpy()
-        if self._ch_count is None:
-            self._ch_count, self._ch_mean, self._ch_m2 = np.zeros(C), np.zeros(C), np.zeros(C)
-            self._ch_absmax = np.full(C, -np.inf)
-        merged = merge_channel_moments((self._ch_count, self._ch_mean, self._ch_m2), channels)
-        self._ch_count, self._ch_mean, self._ch_m2 = merged
-        self._ch_absmax = np.maximum(self._ch_absmax, ch_max)
+        self._merge_channels(*channels, ch_max)
 
     def _chunk_medians_and_ma(
         self, a: torch.Tensor, mc: torch.Tensor | None, wmax: list[float], offset: int
@@ -367,7 +310,7 @@ class TapReducer:
                 self._medians[offset + b] = math.nan
                 continue
             if rows_np is not None:
-                med = rank_value(row_np, (nv - 1) // 2, self._rng)  # may reorder: scratch or a copy
+                med = rank_value(row_np, (nv - 1) // 2, _PROBE)  # may reorder: scratch or a copy
             else:
                 rank = (per_row - nv) + (nv - 1) // 2
                 med = float(torch.kthvalue(rows[b], rank + 1).values)
@@ -382,24 +325,3 @@ class TapReducer:
                 thr = _floor_to(self.ma_abs, np_dtype)
                 hits = np.count_nonzero(row_np > thr) if rows_np is not None else (rows[b] > thr).sum()
             self._ma += int(hits)
-
-    # ------------------------------------------------------------------ result
-
-    def result(self) -> TapStats:
-        """Snapshot of the statistics so far; copies everything, so later updates are not disturbed."""
-        channels = None
-        if self.channel_stats and self._ch_count is not None:
-            assert self._ch_mean is not None and self._ch_m2 is not None and self._ch_absmax is not None
-            channels = (self._ch_count, self._ch_mean, self._ch_m2, self._ch_absmax)
-        return assemble_stats(
-            n_windows=self._n_windows,
-            n_elements=self._count,
-            nan_count=self._nan,
-            inf_count=self._inf,
-            max_abs=self._max_abs,
-            top=self._top,
-            medians=self._medians,
-            ma_count=self._ma,
-            moments=self._moments,
-            channels=channels,
-        )

@@ -1,6 +1,11 @@
-"""What a tap reducer reports, and what every tap reducer shares: combining per-channel block sums into
-moments, and assembling the result with its nan conventions (the CPU reducer and the device one keep
-their state differently but must report it the same way)."""
+"""What a tap's reducer hands back (`TapStats`) and what every tap reducer shares.
+
+The reference reducer (`stats.reducers.TapReducer`) and the fused one (`stats.fused.FusedReducer`) differ
+only in how one update is reduced; what an update's summary does to the running state (Pébay and Chan
+merges, the top-k order, the window medians, the snapshot) has one body here (`TapState`), so the two
+cannot drift. The device reducer (`stats.device_reducer`) keeps its state on the device instead, but
+combines block sums (`combine_groups`) and reports (`assemble_stats`) through the same functions.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,15 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from outlier_study.stats.moments import EMPTY_MOMENTS, ChannelMoments, Moments
+from outlier_study.stats.moments import (
+    EMPTY_MOMENTS,
+    ChannelMoments,
+    Moments,
+    merge_channel_moments,
+    merge_moments,
+)
 
 
 @dataclass
@@ -38,7 +50,7 @@ class TapStats:
     nan_count: int
     inf_count: int
     max_abs: float
-    top: list[TopEntry]  # k largest |a| over all windows, descending by abs (ties: any order)
+    top: list[TopEntry]  # k largest |a| over all windows, descending by abs, ties by (window, token, channel)
     window_medians: list[float]  # lower median |a| of each window, in window order (nan: no element)
     median_abs: float  # mean of the non-nan window_medians
     ma_count: int  # elements with |a| > ma_abs and |a| >= ma_ratio * (their window's median |a|)
@@ -52,6 +64,23 @@ class TapStats:
 
 
 StatsByTap = dict[tuple[int, str], TapStats]  # a profile's result: (layer, tap) -> its statistics
+
+
+def top_order(e: TopEntry) -> tuple[float, int, int, int]:
+    """The top-k order: larger |a| first, ties to the earlier (window, token, channel), so the kept entries
+    do not depend on how windows were batched into updates or in which order the updates came."""
+    return (-e.abs, e.window, e.token, e.channel)
+
+
+def check_tap_input(x: torch.Tensor, channels: int | None) -> int:
+    """x must be a floating (B, T, C) tensor with the channel count of earlier updates (None: first)."""
+    if x.dim() != 3:
+        raise ValueError(f"expected a (B, T, C) tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating tensor, got {x.dtype}")
+    if channels is not None and x.shape[2] != channels:
+        raise ValueError(f"channel count changed from {channels} to {x.shape[2]}")
+    return x.shape[2]
 
 
 def combine_groups(groups: np.ndarray, channels: bool) -> tuple[Moments, ChannelMoments | None]:
@@ -139,3 +168,95 @@ def assemble_stats(
         channel_absmax=ch_absmax,
         channel_count=ch_count,
     )
+
+
+class TapState:
+    """The running statistics of one tap; subclasses reduce an update and merge it with these methods."""
+
+    def __init__(
+        self,
+        top_k: int = 3,
+        ma_abs: float = 100.0,
+        ma_ratio: float = 1000.0,
+        channel_stats: bool = True,
+        moments: bool = True,
+    ) -> None:
+        """`moments=False` skips every moment (global and per channel: mean, std, kurtosis and the channel
+        arrays come back nan / None), the costliest part of a tap; an experiment that reads only max,
+        top-k, medians and MA counts asks for that."""
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        self.top_k = top_k
+        self.ma_abs = float(ma_abs)
+        self.ma_ratio = float(ma_ratio)
+        self.moments = moments
+        self.channel_stats = channel_stats and moments
+        self._n_windows = 0
+        self._nan = 0
+        self._inf = 0
+        self._max_abs = -math.inf
+        self._top: list[TopEntry] = []
+        self._medians: dict[int, float] = {}
+        self._count = 0  # valid finite elements seen
+        self._ma = 0
+        self._moments: Moments = EMPTY_MOMENTS
+        self._channels: int | None = None
+        self._ch_count: np.ndarray | None = None
+        self._ch_mean: np.ndarray | None = None
+        self._ch_m2: np.ndarray | None = None
+        self._ch_absmax: np.ndarray | None = None
+
+    def _begin(self, x: torch.Tensor, window_offset: int) -> torch.Tensor | None:
+        """Check an update's input and count its windows; None when it has no element (its windows get
+        nan medians), else the detached tensor."""
+        self._channels = check_tap_input(x, self._channels)
+        self._n_windows += x.shape[0]
+        if x.numel() == 0:
+            for b in range(x.shape[0]):
+                self._medians[window_offset + b] = math.nan
+            return None
+        return x.detach()
+
+    def _merge_top(self, rows: list[list[float]]) -> None:
+        """rows (abs, value, window, token, channel); negative abs marks an excluded entry."""
+        new = [
+            TopEntry(value=value, abs=absval, window=int(w), token=int(t), channel=int(c))
+            for absval, value, w, t, c in rows
+            if absval >= 0.0
+        ]
+        merged = self._top + new
+        merged.sort(key=top_order)
+        self._top = merged[: self.top_k]
+
+    def _merge_channels(
+        self, n_c: np.ndarray, mean_c: np.ndarray, m2_c: np.ndarray, ch_max: np.ndarray
+    ) -> None:
+        """An update's per-channel (count, mean, M2) and |a| max (negative: no element) into the state."""
+        C = n_c.shape[0]
+        if self._ch_count is None:
+            self._ch_count, self._ch_mean, self._ch_m2 = np.zeros(C), np.zeros(C), np.zeros(C)
+            self._ch_absmax = np.full(C, -np.inf)
+        merged = merge_channel_moments((self._ch_count, self._ch_mean, self._ch_m2), (n_c, mean_c, m2_c))
+        self._ch_count, self._ch_mean, self._ch_m2 = merged
+        self._ch_absmax = np.maximum(self._ch_absmax, ch_max)
+
+    def _merge_moments(self, moments: Moments) -> None:
+        self._moments = merge_moments(self._moments, moments)
+
+    def result(self) -> TapStats:
+        """Snapshot of the statistics so far; copies everything, so later updates are not disturbed."""
+        channels = None
+        if self.channel_stats and self._ch_count is not None:
+            channels = (self._ch_count, self._ch_mean, self._ch_m2, self._ch_absmax)
+        return assemble_stats(
+            n_windows=self._n_windows,
+            n_elements=self._count,
+            nan_count=self._nan,
+            inf_count=self._inf,
+            max_abs=self._max_abs,
+            top=self._top,
+            medians=self._medians,
+            ma_count=self._ma,
+            moments=self._moments,
+            channels=channels,  # type: ignore[arg-type]
+        )

@@ -1,0 +1,882 @@
+// One-pass statistics of a (B, T, C) activation: the kernel behind outlier_study.stats.fused.FusedReducer.
+//
+// Per window, the rows are split into one lane per thread (at::parallel_for: torch's own OpenMP pool, so
+// no second thread pool competes with the model). A lane reads its rows once, in blocks of kRows rows by
+// kTile channels that stay in L1, and keeps:
+//   - the key of each |a|: the bit pattern of |a| as an unsigned integer, whose order is the order of
+//     the non-negative floats; masked and non-finite entries become kInf (nan / inf counted first);
+//   - per channel: the window's column max key; the count and the sums S1..S4 of (a - shift) in float64,
+//     the shift being the lane's first valid value of that channel (exact enough when mean >> spread);
+//   - for the exact median: the count of keys below a bracket [lo, hi] and every key inside it. The
+//     bracket comes from the previous window's median (or a sample of this one), so it usually holds
+//     the median and only a few percent of the keys are written; when it does not, a histogram pass on
+//     the top 16 key bits and a gather pass of the median's bin give the exact value anyway.
+// After a window: the lower median by selection among the bracket's keys; the MA count from the
+// count above floor(ma_abs) or, for the ratio rule, from the few columns whose max reaches the
+// threshold; the top-k candidates from the columns whose max reaches the k-th largest column max.
+// After all windows: per-channel (count, mean, M2) and global (n, mean, M2, M3, M4) of the update from the
+// shifted sums (exact binomial algebra in float64). Running merges across updates stay in Python.
+//
+// Portability: built with -O3 and no -march; on x86-64 with GCC the hot loops are cloned for x86-64-v4
+// (AVX-512) and v3 (AVX2) and picked at load time, so one build runs on any node of a cluster.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define OS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define OS_CLONES
+#endif
+#define OS_INLINE inline __attribute__((always_inline))
+#define OS_LAMBDA_INLINE __attribute__((always_inline))
+
+namespace {
+
+#ifndef OS_ROWS
+#define OS_ROWS 8
+#endif
+#ifndef OS_TILE
+#define OS_TILE 512
+#endif
+constexpr int kRows = OS_ROWS;          // rows per block: a block's moment sums stay in registers
+constexpr int64_t kTile = OS_TILE;      // channels per block: its keys and converted values stay in L1
+constexpr int64_t kLaneMin = 1 << 15;   // below this many elements per lane a window gets fewer lanes
+constexpr int kPilot = 2048;            // sampled keys that bracket the median of a window without a hint
+constexpr double kSpread = 1.0 / 32.0;  // bracket half-width around the previous window's median
+
+template <typename W>
+struct Bits;
+template <>
+struct Bits<float> {
+  using Key = uint32_t;
+  using SKey = int32_t;
+  static constexpr int kShift = 16;
+  static constexpr Key kInf = 0x7F800000u;
+  static constexpr Key kAbs = 0x7FFFFFFFu;
+};
+template <>
+struct Bits<double> {
+  using Key = uint64_t;
+  using SKey = int64_t;
+  static constexpr int kShift = 48;
+  static constexpr Key kInf = 0x7FF0000000000000ull;
+  static constexpr Key kAbs = 0x7FFFFFFFFFFFFFFFull;
+};
+
+template <typename W>
+OS_INLINE typename Bits<W>::Key key_of(W v) {
+  typename Bits<W>::Key k;
+  std::memcpy(&k, &v, sizeof k);
+  return k & Bits<W>::kAbs;
+}
+
+template <typename W>
+W value_of(typename Bits<W>::Key k) {
+  W v;
+  std::memcpy(&v, &k, sizeof v);
+  return v;
+}
+
+// The smallest W >= value (ceil) or the largest W <= value (floor), as numpy's dtype rounding then a step.
+template <typename W>
+W round_to(double value, bool ceil) {
+  if (value > static_cast<double>(std::numeric_limits<W>::max())) {
+    return ceil ? std::numeric_limits<W>::infinity() : std::numeric_limits<W>::max();
+  }
+  if (value < -static_cast<double>(std::numeric_limits<W>::max())) {
+    return ceil ? -std::numeric_limits<W>::max() : -std::numeric_limits<W>::infinity();
+  }
+  W v = static_cast<W>(value);
+  if (ceil && static_cast<double>(v) < value) v = std::nextafter(v, std::numeric_limits<W>::infinity());
+  if (!ceil && static_cast<double>(v) > value) v = std::nextafter(v, -std::numeric_limits<W>::infinity());
+  return v;
+}
+
+// Per-lane accumulators, kept between calls (per calling thread) so that the hot path allocates nothing.
+template <typename W>
+struct Lane {
+  using Key = typename Bits<W>::Key;
+  using SKey = typename Bits<W>::SKey;
+  std::vector<Key> keys;          // kRows x kTile keys of the current block
+  std::vector<W> vals;            // kRows x kTile converted values (non-float32 or strided input)
+  std::vector<uint8_t> mrow;      // kTile mask bytes (broadcast or strided mask)
+  std::vector<double> acc;        // 5 x C: count, S1..S4 of (a - shift) per channel, this update
+  std::vector<W> shift;           // C
+  std::vector<Key> pending;       // C: 1 while the channel has no shift yet
+  int64_t n_pending = 0;
+  std::vector<SKey> colmax;       // C: this window's column max key, -1: none
+  std::vector<Key> gather;        // keys inside the median bracket (or the median's bin)
+  int64_t n_gather = 0;
+  std::vector<uint32_t> hist;     // fallback histogram of the top 16 key bits
+  int64_t n_nan = 0, n_inf = 0;   // this update
+  int64_t n_good = 0, n_below = 0, n_ma = 0, n_hits = 0;  // this window
+};
+
+template <typename W>
+struct Workspace {
+  using Key = typename Bits<W>::Key;
+  using SKey = typename Bits<W>::SKey;
+  std::vector<Lane<W>> lanes;
+  std::vector<SKey> wcol;      // C: window column max over lanes
+  std::vector<SKey> ucol;      // C: update column max (channel absmax)
+  std::vector<SKey> order;     // C: scratch for the k-th column max
+  std::vector<Key> select;     // the bracket's keys of all lanes
+  std::vector<int64_t> cols;   // candidate columns
+};
+
+template <typename W>
+Workspace<W>& workspace() {
+  static thread_local Workspace<W> ws;
+  return ws;
+}
+
+template <typename In, typename W>
+struct Ctx {
+  using Key = typename Bits<W>::Key;
+  const In* x;
+  int64_t sb, st, sc;
+  const uint8_t* m;  // nullptr: every entry valid
+  int64_t mb, mt, mc;
+  int64_t B, T, C;
+  Key lo = 0, span = 0;           // gather keys with key - lo <= span (unsigned)
+  Key below = 0;                  // count keys < below
+  Key ma_lo = 0, ma_span = 0;     // count keys with key - ma_lo < ma_span: |a| > floor(ma_abs)
+};
+
+template <typename In, typename W>
+OS_INLINE const W* load_row(const Ctx<In, W>& cx, W* buf, int64_t b, int64_t t, int64_t c0, int64_t nc) {
+  const In* p = cx.x + b * cx.sb + t * cx.st + c0 * cx.sc;
+  if constexpr (std::is_same_v<In, W>) {
+    if (cx.sc == 1) return p;
+  }
+  if (cx.sc == 1) {
+    for (int64_t c = 0; c < nc; ++c) buf[c] = static_cast<W>(p[c]);
+  } else {
+    for (int64_t c = 0; c < nc; ++c) buf[c] = static_cast<W>(p[c * cx.sc]);
+  }
+  return buf;
+}
+
+template <typename In, typename W>
+OS_INLINE const uint8_t* load_mask(const Ctx<In, W>& cx, uint8_t* buf, int64_t b, int64_t t, int64_t c0,
+                                   int64_t nc) {
+  const uint8_t* p = cx.m + b * cx.mb + t * cx.mt + c0 * cx.mc;
+  if (cx.mc == 1) return p;
+  if (cx.mc == 0) {
+    std::memset(buf, *p, nc);
+  } else {
+    for (int64_t c = 0; c < nc; ++c) buf[c] = p[c * cx.mc];
+  }
+  return buf;
+}
+
+// Keys of one row segment; masked and non-finite entries become kInf, nan/inf among valid ones counted.
+template <typename W, bool kMask>
+OS_INLINE void row_keys(const W* v, const uint8_t* m, int64_t nc, typename Bits<W>::Key* k, int64_t& n_nan,
+                        int64_t& n_inf) {
+  using Key = typename Bits<W>::Key;
+  constexpr Key kInf = Bits<W>::kInf;
+  Key nan = 0, inf = 0;
+  for (int64_t c = 0; c < nc; ++c) {
+    const Key a = key_of(v[c]);
+    const Key ok = kMask ? static_cast<Key>(m[c] != 0) : Key(1);
+    nan += ok & static_cast<Key>(a > kInf);
+    inf += ok & static_cast<Key>(a == kInf);
+    k[c] = (ok && a < kInf) ? a : kInf;
+  }
+  n_nan += static_cast<int64_t>(nan);
+  n_inf += static_cast<int64_t>(inf);
+}
+
+// Calls fn(rows, keys, nr, c0, nc) for each block of rows [t0, t1) of window b: kRows row pointers (padded
+// with the first one), and kRows x kTile keys (padding rows all kInf).
+template <typename In, typename W, bool kMask, typename Fn>
+OS_INLINE void for_blocks(const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t0, int64_t t1, Fn&& fn) {
+  using Key = typename Bits<W>::Key;
+  Key* keys = L.keys.data();
+  for (int64_t t = t0; t < t1; t += kRows) {
+    const int nr = static_cast<int>(std::min<int64_t>(kRows, t1 - t));
+    for (int64_t c0 = 0; c0 < cx.C; c0 += kTile) {
+      const int64_t nc = std::min(kTile, cx.C - c0);
+      const W* rows[kRows];
+      for (int r = 0; r < nr; ++r) {
+        rows[r] = load_row(cx, L.vals.data() + r * kTile, b, t + r, c0, nc);
+        const uint8_t* m = kMask ? load_mask(cx, L.mrow.data(), b, t + r, c0, nc) : nullptr;
+        row_keys<W, kMask>(rows[r], m, nc, keys + r * kTile, L.n_nan, L.n_inf);
+      }
+      for (int r = nr; r < kRows; ++r) {
+        rows[r] = rows[0];
+        std::fill(keys + r * kTile, keys + r * kTile + nc, Bits<W>::kInf);
+      }
+      fn(rows, keys, nr, c0, nc);
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define OS_AVX512_GATHER 1
+// Keys k[0:n] with key - lo <= span appended to out (16 slots of slack): 16 compares and one compress per
+// step, where the scalar loop would take a branch per key. Compress to a register, then a plain store:
+// a compressing store to memory is microcoded (slow) on AMD Zen 4.
+__attribute__((target("avx512f"))) int64_t gather_avx512(const uint32_t* k, int64_t n, uint32_t lo,
+                                                          uint32_t span, uint32_t* out) {
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo));
+  const __m512i vspan = _mm512_set1_epi32(static_cast<int>(span));
+  int64_t ng = 0, c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const __m512i v = _mm512_loadu_si512(k + c);
+    const __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, vlo), vspan);
+    _mm512_storeu_si512(out + ng, _mm512_maskz_compress_epi32(in, v));
+    ng += __builtin_popcount(in);
+  }
+  for (; c < n; ++c) {
+    out[ng] = k[c];
+    ng += static_cast<uint32_t>(k[c] - lo) <= span;
+  }
+  return ng;
+}
+
+bool has_avx512() {
+  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
+  return yes;
+}
+#endif
+
+// Appends the keys of a block that fall in [lo, lo + span] to the lane's gather buffer.
+template <typename W>
+OS_INLINE void gather_block(Lane<W>& L, const typename Bits<W>::Key* keys, int nr, int64_t nc,
+                            typename Bits<W>::Key lo, typename Bits<W>::Key span) {
+  using Key = typename Bits<W>::Key;
+  const int64_t need = L.n_gather + static_cast<int64_t>(nr) * nc + 16;
+  if (need > static_cast<int64_t>(L.gather.size())) {
+    L.gather.resize(std::max<int64_t>(2 * L.gather.size(), need));
+  }
+  Key* out = L.gather.data();
+  int64_t ng = L.n_gather;
+#ifdef OS_AVX512_GATHER
+  if constexpr (std::is_same_v<Key, uint32_t>) {
+    if (has_avx512()) {
+      for (int r = 0; r < nr; ++r) ng += gather_avx512(keys + r * kTile, nc, lo, span, out + ng);
+      L.n_gather = ng;
+      return;
+    }
+  }
+#endif
+  for (int r = 0; r < nr; ++r) {
+    const Key* k = keys + r * kTile;
+    for (int64_t c = 0; c < nc; ++c) {  // branch-free: always store, advance on a hit
+      out[ng] = k[c];
+      ng += static_cast<Key>(k[c] - lo) <= span;
+    }
+  }
+  L.n_gather = ng;
+}
+
+// The one pass: keys, column max, counts, the median bracket's keys, and (kMoments) the shifted sums.
+template <typename In, typename W, bool kMask, bool kMoments>
+OS_INLINE void main_pass(const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t0, int64_t t1) {
+  using Key = typename Bits<W>::Key;
+  using SKey = typename Bits<W>::SKey;
+  constexpr Key kInf = Bits<W>::kInf;
+  const int64_t C = cx.C;
+  double* acc = L.acc.data();
+  for_blocks<In, W, kMask>(cx, L, b, t0, t1, [&](const W* const* rows, const Key* keys, int nr, int64_t c0,
+                                                 int64_t nc) OS_LAMBDA_INLINE {
+    SKey* cm = L.colmax.data() + c0;
+    Key good = 0, below = 0, ma = 0;
+    for (int r = 0; r < nr; ++r) {
+      const Key* k = keys + r * kTile;
+      for (int64_t c = 0; c < nc; ++c) {
+        const Key kc = k[c];
+        const Key g = static_cast<Key>(kc != kInf);
+        good += g;
+        below += static_cast<Key>(kc < cx.below);
+        ma += static_cast<Key>(static_cast<Key>(kc - cx.ma_lo) < cx.ma_span);
+        const SKey s = g ? static_cast<SKey>(kc) : SKey(-1);
+        cm[c] = std::max(cm[c], s);
+      }
+    }
+    L.n_good += good;
+    L.n_below += below;
+    L.n_ma += ma;
+    if constexpr (kMoments) {
+      W* shift = L.shift.data() + c0;
+      if (L.n_pending > 0) {
+        Key* pend = L.pending.data() + c0;
+        Key took = 0;
+        for (int r = 0; r < nr; ++r) {
+          const Key* k = keys + r * kTile;
+          for (int64_t c = 0; c < nc; ++c) {
+            const W v = rows[r][c];
+            const Key take = static_cast<Key>(k[c] != kInf) & pend[c];
+            shift[c] = take ? v : shift[c];
+            pend[c] &= take ^ Key(1);
+            took += take;
+          }
+        }
+        L.n_pending -= static_cast<int64_t>(took);
+      }
+      double* n = acc + c0;
+      double* s1 = acc + C + c0;
+      double* s2 = acc + 2 * C + c0;
+      double* s3 = acc + 3 * C + c0;
+      double* s4 = acc + 4 * C + c0;
+      for (int64_t c = 0; c < nc; ++c) {
+        const double sh = static_cast<double>(shift[c]);
+        double bn = 0.0, b1 = 0.0, b2 = 0.0, b3 = 0.0, b4 = 0.0;
+#pragma GCC unroll 8
+        for (int r = 0; r < kRows; ++r) {
+          const bool g = keys[r * kTile + c] != kInf;
+          const double v = static_cast<double>(rows[r][c]);  // loaded unconditionally: no branch
+          const double d = g ? v - sh : 0.0;
+          const double d2 = d * d;
+          bn += g ? 1.0 : 0.0;
+          b1 += d;
+          b2 += d2;
+          b3 += d2 * d;
+          b4 += d2 * d2;
+        }
+        n[c] += bn;
+        s1[c] += b1;
+        s2[c] += b2;
+        s3[c] += b3;
+        s4[c] += b4;
+      }
+    }
+    gather_block(L, keys, nr, nc, cx.lo, cx.span);
+  });
+}
+
+// Fallback passes over a lane's rows: a histogram of the top key bits, a gather of one key range, a count.
+template <typename In, typename W, bool kMask>
+OS_INLINE void hist_pass(const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t0, int64_t t1) {
+  using Key = typename Bits<W>::Key;
+  uint32_t* h = L.hist.data();
+  for_blocks<In, W, kMask>(cx, L, b, t0, t1, [&](const W* const*, const Key* keys, int nr, int64_t, int64_t nc) OS_LAMBDA_INLINE {
+    for (int r = 0; r < nr; ++r) {
+      for (int64_t c = 0; c < nc; ++c) ++h[keys[r * kTile + c] >> Bits<W>::kShift];
+    }
+  });
+}
+
+template <typename In, typename W, bool kMask>
+OS_INLINE void gather_pass(const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t0, int64_t t1) {
+  using Key = typename Bits<W>::Key;
+  for_blocks<In, W, kMask>(cx, L, b, t0, t1, [&](const W* const*, const Key* keys, int nr, int64_t, int64_t nc) OS_LAMBDA_INLINE {
+    gather_block(L, keys, nr, nc, cx.lo, cx.span);
+  });
+}
+
+template <typename In, typename W, bool kMask>
+OS_INLINE void count_pass(const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t0, int64_t t1) {
+  using Key = typename Bits<W>::Key;
+  for_blocks<In, W, kMask>(cx, L, b, t0, t1, [&](const W* const*, const Key* keys, int nr, int64_t, int64_t nc) OS_LAMBDA_INLINE {
+    Key hits = 0;
+    for (int r = 0; r < nr; ++r) {
+      for (int64_t c = 0; c < nc; ++c) {
+        hits += static_cast<Key>(static_cast<Key>(keys[r * kTile + c] - cx.ma_lo) < cx.ma_span);
+      }
+    }
+    L.n_hits += hits;
+  });
+}
+
+// Entry points per pass: non-template functions cloned per ISA (template bodies are inlined into them).
+enum class Pass { kMain, kMainNoMoments, kHist, kGather, kCount };
+
+template <typename In, typename W, bool kMask>
+OS_INLINE void run_pass_impl(Pass pass, const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t0, int64_t t1) {
+  switch (pass) {
+    case Pass::kMain:
+      main_pass<In, W, kMask, true>(cx, L, b, t0, t1);
+      break;
+    case Pass::kMainNoMoments:
+      main_pass<In, W, kMask, false>(cx, L, b, t0, t1);
+      break;
+    case Pass::kHist:
+      hist_pass<In, W, kMask>(cx, L, b, t0, t1);
+      break;
+    case Pass::kGather:
+      gather_pass<In, W, kMask>(cx, L, b, t0, t1);
+      break;
+    case Pass::kCount:
+      count_pass<In, W, kMask>(cx, L, b, t0, t1);
+      break;
+  }
+}
+
+#define OS_PASS_ENTRY(NAME, IN, W)                                                                      \
+  OS_CLONES void NAME(Pass pass, const Ctx<IN, W>& cx, Lane<W>& L, int64_t b, int64_t t0, int64_t t1) { \
+    if (cx.m) {                                                                                         \
+      run_pass_impl<IN, W, true>(pass, cx, L, b, t0, t1);                                               \
+    } else {                                                                                            \
+      run_pass_impl<IN, W, false>(pass, cx, L, b, t0, t1);                                              \
+    }                                                                                                   \
+  }
+OS_PASS_ENTRY(pass_f32, float, float)
+OS_PASS_ENTRY(pass_f64, double, double)
+OS_PASS_ENTRY(pass_f16, c10::Half, float)
+OS_PASS_ENTRY(pass_bf16, c10::BFloat16, float)
+#undef OS_PASS_ENTRY
+
+inline void run_pass(Pass p, const Ctx<float, float>& cx, Lane<float>& L, int64_t b, int64_t t0, int64_t t1) {
+  pass_f32(p, cx, L, b, t0, t1);
+}
+inline void run_pass(Pass p, const Ctx<double, double>& cx, Lane<double>& L, int64_t b, int64_t t0, int64_t t1) {
+  pass_f64(p, cx, L, b, t0, t1);
+}
+inline void run_pass(Pass p, const Ctx<c10::Half, float>& cx, Lane<float>& L, int64_t b, int64_t t0, int64_t t1) {
+  pass_f16(p, cx, L, b, t0, t1);
+}
+inline void run_pass(Pass p, const Ctx<c10::BFloat16, float>& cx, Lane<float>& L, int64_t b, int64_t t0,
+                     int64_t t1) {
+  pass_bf16(p, cx, L, b, t0, t1);
+}
+
+// Runs `pass` on every lane's rows of window b, one lane per thread.
+template <typename In, typename W>
+void on_lanes(Pass pass, const Ctx<In, W>& cx, Workspace<W>& ws, int64_t n_lanes, int64_t b) {
+  auto body = [&](int64_t l) {
+    const int64_t t0 = cx.T * l / n_lanes, t1 = cx.T * (l + 1) / n_lanes;
+    run_pass(pass, cx, ws.lanes[l], b, t0, t1);
+  };
+  if (n_lanes == 1) {
+    body(0);
+  } else {
+    at::parallel_for(0, n_lanes, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t l = lo; l < hi; ++l) body(l);
+    });
+  }
+}
+
+template <typename In, typename W>
+OS_INLINE bool entry(const Ctx<In, W>& cx, int64_t b, int64_t t, int64_t c, W& v) {
+  if (cx.m && !cx.m[b * cx.mb + t * cx.mt + c * cx.mc]) return false;
+  v = static_cast<W>(cx.x[b * cx.sb + t * cx.st + c * cx.sc]);
+  return key_of(v) < Bits<W>::kInf;
+}
+
+// A bracket [lo, hi] of keys that likely holds the median of window b: around `hint` (a recent median of
+// this tap), else between two quantiles of a sample of the window. False: no bracket (fallback passes).
+template <typename In, typename W>
+bool bracket(const Ctx<In, W>& cx, int64_t b, double hint, typename Bits<W>::Key& lo,
+             typename Bits<W>::Key& hi, std::vector<typename Bits<W>::Key>& sample) {
+  using Key = typename Bits<W>::Key;
+  constexpr Key kInf = Bits<W>::kInf;
+  if (std::isfinite(hint) && hint >= 0.0) {
+    lo = key_of(static_cast<W>(hint * (1.0 - kSpread)));
+    hi = std::min<Key>(key_of(static_cast<W>(hint * (1.0 + kSpread))), kInf - 1);
+    return lo <= hi;
+  }
+  const int64_t n = cx.T * cx.C;
+  const int64_t m = std::min<int64_t>(kPilot, n);
+  sample.clear();
+  // A fixed stride coprime to n spreads the sample over tokens and channels; no randomness in results.
+  int64_t stride = static_cast<int64_t>(n * 0.6180339887498949) | 1;
+  while (std::gcd(stride, n) != 1) stride += 2;
+  int64_t pos = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    W v;
+    if (entry(cx, b, pos / cx.C, pos % cx.C, v)) sample.push_back(key_of(v));
+    pos += stride;
+    if (pos >= n) pos %= n;
+  }
+  const int64_t s = static_cast<int64_t>(sample.size());
+  if (s < 64) return false;
+  const double margin = 4.0 * std::sqrt(0.25 / s) + 2.0 / s;
+  const int64_t rlo = std::max<int64_t>(0, static_cast<int64_t>(std::floor((0.5 - margin) * s)));
+  const int64_t rhi = std::min<int64_t>(s - 1, static_cast<int64_t>(std::ceil((0.5 + margin) * s)));
+  std::nth_element(sample.begin(), sample.begin() + rlo, sample.end());
+  lo = sample[rlo];
+  std::nth_element(sample.begin() + rlo, sample.begin() + rhi, sample.end());
+  hi = sample[rhi];
+  return true;
+}
+
+struct TopRow {
+  uint64_t key;
+  int64_t b, t, c;
+  double value;
+};
+
+// Total order of top-k candidates: larger |a| first, then the earlier (window, token, channel).
+inline bool before(const TopRow& a, const TopRow& b) {
+  if (a.key != b.key) return a.key > b.key;
+  if (a.b != b.b) return a.b < b.b;
+  if (a.t != b.t) return a.t < b.t;
+  return a.c < b.c;
+}
+
+// Keeps the k first rows in `before` order among those offered.
+inline void offer(std::vector<TopRow>& keep, int64_t k, const TopRow& row) {
+  if (static_cast<int64_t>(keep.size()) == k && !before(row, keep.back())) return;
+  auto it = std::upper_bound(keep.begin(), keep.end(), row, before);
+  keep.insert(it, row);
+  if (static_cast<int64_t>(keep.size()) > k) keep.pop_back();
+}
+
+struct Options {
+  double ma_abs, ma_ratio, hint, top_floor;
+  int64_t top_k, offset;
+  bool moments, channels;
+};
+
+struct Totals {
+  int64_t n_good = 0, ma = 0, misses = 0;
+  double max_abs = -1.0;
+};
+
+template <typename In, typename W>
+void run(const Ctx<In, W>& cx0, const Options& opt, double* medians, Totals& tot, std::vector<TopRow>& top,
+         double* ch, double* gm) {
+  using Key = typename Bits<W>::Key;
+  using SKey = typename Bits<W>::SKey;
+  constexpr Key kInf = Bits<W>::kInf;
+  Ctx<In, W> cx = cx0;
+  const int64_t C = cx.C, T = cx.T;
+  Workspace<W>& ws = workspace<W>();
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t n_lanes = std::max<int64_t>(1, std::min<int64_t>({threads, T, (T * C) / kLaneMin}));
+  if (static_cast<int64_t>(ws.lanes.size()) < n_lanes) ws.lanes.resize(n_lanes);
+  for (int64_t l = 0; l < n_lanes; ++l) {
+    Lane<W>& L = ws.lanes[l];
+    L.keys.resize(kRows * kTile);
+    L.vals.resize(kRows * kTile);
+    L.mrow.resize(kTile);
+    L.n_nan = L.n_inf = 0;
+    if (opt.moments) {
+      L.acc.assign(5 * C, 0.0);
+      L.shift.assign(C, W(0));
+      L.pending.assign(C, typename Bits<W>::Key(1));
+      L.n_pending = C;
+    }
+    L.colmax.resize(C);
+  }
+  ws.wcol.resize(C);
+  ws.ucol.assign(C, SKey(-1));
+
+  // |a| > floor(ma_abs): the MA candidates of the absolute rule (every valid entry when that is < 0).
+  const W ma_floor = round_to<W>(opt.ma_abs, false);
+  cx.ma_lo = ma_floor < W(0) ? Key(0) : key_of(ma_floor) + 1;
+  cx.ma_span = kInf > cx.ma_lo ? kInf - cx.ma_lo : Key(0);
+  const Key top_floor = opt.top_floor >= 0.0 ? key_of(static_cast<W>(opt.top_floor)) : Key(0);
+  const Pass main = opt.moments ? Pass::kMain : Pass::kMainNoMoments;
+  double hint = opt.hint;
+  std::vector<TopRow> keep;
+
+  for (int64_t b = 0; b < cx.B; ++b) {
+    Key lo = 0, hi = 0;
+    const bool bracketed = bracket(cx, b, hint, lo, hi, ws.select);
+    // Without a bracket the main pass gathers only |a| == max finite (harmless) and the fallback decides.
+    cx.lo = bracketed ? lo : kInf - 1;
+    cx.span = bracketed ? hi - lo : Key(0);
+    cx.below = bracketed ? lo : Key(0);
+    for (int64_t l = 0; l < n_lanes; ++l) {
+      Lane<W>& L = ws.lanes[l];
+      std::fill(L.colmax.begin(), L.colmax.end(), SKey(-1));
+      L.n_good = L.n_below = L.n_ma = L.n_gather = 0;
+    }
+    on_lanes(main, cx, ws, n_lanes, b);
+
+    int64_t n_good = 0, n_below = 0, n_in = 0, n_ma = 0;
+    SKey* wcol = ws.wcol.data();
+    std::copy(ws.lanes[0].colmax.begin(), ws.lanes[0].colmax.end(), wcol);
+    for (int64_t l = 0; l < n_lanes; ++l) {
+      const Lane<W>& L = ws.lanes[l];
+      n_good += L.n_good;
+      n_below += L.n_below;
+      n_in += L.n_gather;
+      n_ma += L.n_ma;
+      if (l > 0) {
+        for (int64_t c = 0; c < C; ++c) wcol[c] = std::max(wcol[c], L.colmax[c]);
+      }
+    }
+    SKey wmax = -1;
+    for (int64_t c = 0; c < C; ++c) {
+      wmax = std::max(wmax, wcol[c]);
+      ws.ucol[c] = std::max(ws.ucol[c], wcol[c]);
+    }
+    tot.n_good += n_good;
+    if (n_good == 0) {
+      medians[b] = std::numeric_limits<double>::quiet_NaN();
+      continue;
+    }
+    const double wmax_v = static_cast<double>(value_of<W>(static_cast<Key>(wmax)));
+    tot.max_abs = std::max(tot.max_abs, wmax_v);
+
+    // Exact lower median: the key of rank (n - 1) / 2 among the window's valid keys.
+    const int64_t rank = (n_good - 1) / 2;
+    bool hit = bracketed && n_below <= rank && rank < n_below + n_in;
+    if (!hit) {  // histogram on the top key bits, then gather the median's bin
+      ++tot.misses;
+      constexpr int64_t bins = static_cast<int64_t>(kInf >> Bits<W>::kShift) + 1;
+      for (int64_t l = 0; l < n_lanes; ++l) ws.lanes[l].hist.assign(bins, 0u);
+      on_lanes(Pass::kHist, cx, ws, n_lanes, b);
+      int64_t cum = 0, bin = 0;
+      for (; bin < bins; ++bin) {
+        int64_t here = 0;
+        for (int64_t l = 0; l < n_lanes; ++l) here += ws.lanes[l].hist[bin];
+        if (cum + here > rank) break;
+        cum += here;
+      }
+      cx.lo = static_cast<Key>(bin) << Bits<W>::kShift;
+      cx.span = (Key(1) << Bits<W>::kShift) - 1;
+      for (int64_t l = 0; l < n_lanes; ++l) ws.lanes[l].n_gather = 0;
+      on_lanes(Pass::kGather, cx, ws, n_lanes, b);
+      n_below = cum;
+      n_in = 0;
+      for (int64_t l = 0; l < n_lanes; ++l) n_in += ws.lanes[l].n_gather;
+      lo = cx.lo;
+      hi = cx.lo + cx.span;
+    }
+    Key med;
+    if (lo == hi) {
+      med = lo;
+    } else {
+      std::vector<Key>& sel = ws.select;
+      sel.resize(n_in);
+      int64_t at = 0;
+      for (int64_t l = 0; l < n_lanes; ++l) {
+        const Lane<W>& L = ws.lanes[l];
+        std::copy(L.gather.begin(), L.gather.begin() + L.n_gather, sel.begin() + at);
+        at += L.n_gather;
+      }
+      std::nth_element(sel.begin(), sel.begin() + (rank - n_below), sel.end());
+      med = sel[rank - n_below];
+    }
+    const double median = static_cast<double>(value_of<W>(med));
+    medians[b] = median;
+    hint = median;
+
+    // MA count: |a| > ma_abs and |a| >= ma_ratio * median, with the threshold rounded to W as the reference.
+    if (wmax_v > opt.ma_abs) {
+      const double ratio_thr = opt.ma_ratio * median;
+      if (ratio_thr > opt.ma_abs) {
+        const W thr = round_to<W>(ratio_thr, true);
+        const Key tk = key_of(thr);  // thr > ma_abs > floor(ma_abs): positive
+        ws.cols.clear();
+        for (int64_t c = 0; c < C; ++c) {
+          if (wcol[c] >= 0 && static_cast<Key>(wcol[c]) >= tk) ws.cols.push_back(c);
+        }
+        int64_t hits = 0;
+        if (static_cast<int64_t>(ws.cols.size()) * 8 <= C || C <= 64) {
+          for (int64_t c : ws.cols) {
+            for (int64_t t = 0; t < T; ++t) {
+              W v;
+              if (entry(cx, b, t, c, v) && key_of(v) >= tk) ++hits;
+            }
+          }
+        } else {
+          cx.ma_lo = tk;
+          cx.ma_span = kInf > tk ? kInf - tk : Key(0);
+          for (int64_t l = 0; l < n_lanes; ++l) ws.lanes[l].n_hits = 0;
+          on_lanes(Pass::kCount, cx, ws, n_lanes, b);
+          for (int64_t l = 0; l < n_lanes; ++l) hits += ws.lanes[l].n_hits;
+          cx.ma_lo = ma_floor < W(0) ? Key(0) : key_of(ma_floor) + 1;
+          cx.ma_span = kInf > cx.ma_lo ? kInf - cx.ma_lo : Key(0);
+        }
+        tot.ma += hits;
+      } else {
+        tot.ma += n_ma;
+      }
+    }
+
+    // Top-k: every entry that can rank among the k largest lies in a column whose max reaches the k-th
+    // largest column max; with ties all such columns are read, so the order is exactly `before`.
+    if (opt.top_k > 0 && static_cast<Key>(wmax) >= top_floor) {
+      std::vector<SKey>& order = ws.order;
+      order.assign(wcol, wcol + C);
+      const int64_t k = std::min<int64_t>(opt.top_k, C);
+      std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), std::greater<SKey>());
+      const SKey kth = std::max<SKey>(order[k - 1], 0);
+      const Key thr = std::max<Key>(static_cast<Key>(kth), top_floor);
+      ws.cols.clear();
+      for (int64_t c = 0; c < C; ++c) {
+        if (wcol[c] >= 0 && static_cast<Key>(wcol[c]) >= thr) ws.cols.push_back(c);
+      }
+      keep.clear();
+      for (int64_t c : ws.cols) {
+        for (int64_t t = 0; t < T; ++t) {
+          W v;
+          if (entry(cx, b, t, c, v) && key_of(v) >= thr) {
+            offer(keep, opt.top_k, TopRow{static_cast<uint64_t>(key_of(v)), b, t, c, static_cast<double>(v)});
+          }
+        }
+      }
+      for (const TopRow& row : keep) offer(top, opt.top_k, row);
+    }
+  }
+
+  int64_t n_nan = 0, n_inf = 0;
+  for (int64_t l = 0; l < n_lanes; ++l) {
+    n_nan += ws.lanes[l].n_nan;
+    n_inf += ws.lanes[l].n_inf;
+  }
+  gm[5] = static_cast<double>(n_nan);
+  gm[6] = static_cast<double>(n_inf);
+  if (opt.channels) {
+    for (int64_t c = 0; c < C; ++c) {
+      ch[3 * C + c] = ws.ucol[c] >= 0 ? static_cast<double>(value_of<W>(static_cast<Key>(ws.ucol[c]))) : -1.0;
+    }
+  }
+  if (!opt.moments) return;
+
+  // Shifted sums of every (lane, channel) group -> channel (count, mean, M2) and global central moments.
+  double n_tot = 0.0, first = 0.0;
+  for (int64_t l = 0; l < n_lanes; ++l) {
+    const double* a = ws.lanes[l].acc.data();
+    const W* sh = ws.lanes[l].shift.data();
+    for (int64_t c = 0; c < C; ++c) {
+      n_tot += a[c];
+      first += a[c] * static_cast<double>(sh[c]) + a[C + c];
+    }
+  }
+  gm[0] = n_tot;
+  if (n_tot > 0.0) {
+    const double mean = first / n_tot;
+    double m2 = 0.0, m3 = 0.0, m4 = 0.0;
+    for (int64_t l = 0; l < n_lanes; ++l) {
+      const double* a = ws.lanes[l].acc.data();
+      const W* sh = ws.lanes[l].shift.data();
+      for (int64_t c = 0; c < C; ++c) {
+        const double n = a[c], s1 = a[C + c], s2 = a[2 * C + c], s3 = a[3 * C + c], s4 = a[4 * C + c];
+        const double f = static_cast<double>(sh[c]) - mean, f2 = f * f, f3 = f2 * f;
+        m2 += s2 + 2.0 * f * s1 + n * f2;
+        m3 += s3 + 3.0 * f * s2 + 3.0 * f2 * s1 + n * f3;
+        m4 += s4 + 4.0 * f * s3 + 6.0 * f2 * s2 + 4.0 * f3 * s1 + n * f2 * f2;
+      }
+    }
+    gm[1] = mean;
+    gm[2] = m2;
+    gm[3] = m3;
+    gm[4] = m4;
+  }
+  if (!opt.channels) return;
+  for (int64_t c = 0; c < C; ++c) {
+    double n = 0.0, s = 0.0;
+    for (int64_t l = 0; l < n_lanes; ++l) {
+      const double* a = ws.lanes[l].acc.data();
+      n += a[c];
+      s += a[c] * static_cast<double>(ws.lanes[l].shift[c]) + a[C + c];
+    }
+    const double mean = n > 0.0 ? s / n : 0.0;
+    double m2 = 0.0;
+    for (int64_t l = 0; l < n_lanes; ++l) {
+      const double* a = ws.lanes[l].acc.data();
+      const double f = static_cast<double>(ws.lanes[l].shift[c]) - mean;
+      m2 += a[2 * C + c] + f * (2.0 * a[C + c] + a[c] * f);
+    }
+    ch[c] = n;
+    ch[C + c] = mean;
+    ch[2 * C + c] = std::max(m2, 0.0);
+  }
+}
+
+template <typename In, typename W>
+Ctx<In, W> context(const at::Tensor& x, const c10::optional<at::Tensor>& valid) {
+  Ctx<In, W> cx;
+  cx.x = reinterpret_cast<const In*>(x.data_ptr());
+  cx.sb = x.stride(0);
+  cx.st = x.stride(1);
+  cx.sc = x.stride(2);
+  cx.B = x.size(0);
+  cx.T = x.size(1);
+  cx.C = x.size(2);
+  cx.m = nullptr;
+  cx.mb = cx.mt = cx.mc = 0;
+  if (valid.has_value()) {
+    const at::Tensor& m = *valid;
+    cx.m = reinterpret_cast<const uint8_t*>(m.data_ptr());
+    cx.mb = m.stride(0);
+    cx.mt = m.stride(1);
+    cx.mc = m.stride(2);
+  }
+  return cx;
+}
+
+// The statistics of one update. Outputs (float64, preallocated by the caller and overwritten):
+//   gm[0:7]: n, mean, M2, M3, M4 of the update (n = 0: no moments), nan count, inf count;
+//   gm[7:11]: valid finite elements, MA count, bracket misses, max |a| (-1: none);
+//   medians[0:B] (nan: no valid element); top (k, 5): |a|, value, window, token, channel; returns its rows;
+//   ch (4, C): count, mean, M2, |a| max (-1: none) per channel (only with `channels`).
+int64_t update(const at::Tensor& x, const c10::optional<at::Tensor>& valid, int64_t offset, double ma_abs,
+               double ma_ratio, int64_t top_k, bool moments, bool channels, double hint, double top_floor,
+               at::Tensor gm, at::Tensor medians, at::Tensor top, at::Tensor ch) {
+  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(), "fused: expected a (B, T, C) CPU tensor");
+  TORCH_CHECK(!valid.has_value() || (valid->scalar_type() == at::kBool && valid->sizes() == x.sizes()),
+              "fused: the mask must be a bool tensor of the input's shape");
+  TORCH_CHECK(gm.scalar_type() == at::kDouble && gm.is_contiguous() && gm.numel() >= 11, "fused: gm");
+  TORCH_CHECK(medians.scalar_type() == at::kDouble && medians.numel() >= x.size(0), "fused: medians");
+  TORCH_CHECK(top.scalar_type() == at::kDouble && top.is_contiguous() && top.numel() >= 5 * top_k, "fused: top");
+  TORCH_CHECK(!channels || (ch.scalar_type() == at::kDouble && ch.is_contiguous() && ch.numel() >= 4 * x.size(2)),
+              "fused: ch");
+  Options opt{ma_abs, ma_ratio, hint, top_floor, top_k, offset, moments, moments && channels};
+  double* g = gm.data_ptr<double>();
+  std::fill(g, g + 11, 0.0);
+  Totals tot;
+  std::vector<TopRow> rows;
+  double* med = medians.data_ptr<double>();
+  double* chp = channels ? ch.data_ptr<double>() : nullptr;
+  if (x.numel() == 0) {
+    for (int64_t b = 0; b < x.size(0); ++b) med[b] = std::numeric_limits<double>::quiet_NaN();
+  } else {
+    switch (x.scalar_type()) {
+      case at::kFloat:
+        run(context<float, float>(x, valid), opt, med, tot, rows, chp, g);
+        break;
+      case at::kDouble:
+        run(context<double, double>(x, valid), opt, med, tot, rows, chp, g);
+        break;
+      case at::kHalf:
+        run(context<c10::Half, float>(x, valid), opt, med, tot, rows, chp, g);
+        break;
+      case at::kBFloat16:
+        run(context<c10::BFloat16, float>(x, valid), opt, med, tot, rows, chp, g);
+        break;
+      default:
+        TORCH_CHECK(false, "fused: unsupported dtype ", x.scalar_type());
+    }
+  }
+  g[7] = static_cast<double>(tot.n_good);
+  g[8] = static_cast<double>(tot.ma);
+  g[9] = static_cast<double>(tot.misses);
+  g[10] = tot.max_abs;
+  double* tp = top.data_ptr<double>();
+  const bool wide = x.scalar_type() == at::kDouble;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const TopRow& r = rows[i];
+    tp[5 * i] = wide ? value_of<double>(r.key) : static_cast<double>(value_of<float>(static_cast<uint32_t>(r.key)));
+    tp[5 * i + 1] = r.value;
+    tp[5 * i + 2] = static_cast<double>(offset + r.b);
+    tp[5 * i + 3] = static_cast<double>(r.t);
+    tp[5 * i + 4] = static_cast<double>(r.c);
+  }
+  return static_cast<int64_t>(rows.size());
+}
+
+// Frees this thread's workspace (the buffers grow to the largest tap seen and are otherwise kept).
+void release() {
+  workspace<float>() = Workspace<float>();
+  workspace<double>() = Workspace<double>();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("update", &update, "the statistics of one (B, T, C) update (see fused.cpp)");
+  m.def("release", &release, "free this thread's workspace");
+}

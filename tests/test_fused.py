@@ -1,0 +1,296 @@
+"""The fused reducer against the float64 full-tensor reference and against the reference TapReducer, on
+the reducer suite's tensors (ties, masks, non-finite values, float16/bfloat16, empty windows, huge values,
+mean >> spread) and on windows large enough for several lanes and for every fallback path of the kernel."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from outlier_study.measure.profiler import profile_windows
+from outlier_study.stats import choose
+from outlier_study.stats.device_reducer import DeviceTapReducer
+from outlier_study.stats.fused import FusedReducer, build, load_kernel
+from outlier_study.stats.reducers import TapReducer
+from outlier_study.stats.tapstats import TapStats
+from tests.test_reducers import Chunk, assert_matches, random_windows, reference, split
+
+EXACT = ("n_windows", "n_elements", "nan_count", "inf_count", "ma_count", "max_abs")
+
+
+@pytest.fixture(scope="module")
+def kernel() -> ModuleType:
+    module = load_kernel()
+    assert module is not None, "the fused kernel did not build (see the warning above)"
+    return module
+
+
+def feed(make: Callable[..., object], chunks: list[Chunk], **kwargs: object) -> TapStats:
+    red = make(**kwargs)
+    for c in chunks:
+        red.update(c.x, c.offset, c.valid)  # type: ignore[attr-defined]
+    return red.result()  # type: ignore[attr-defined]
+
+
+def gaussian(seed: int, shape: tuple[int, ...], scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _ties() -> list[Chunk]:
+    """Few distinct values: ties at the median, at the top-k boundary and among whole columns."""
+    x = torch.randint(-3, 4, (4, 40, 24), generator=torch.Generator().manual_seed(1)).float()
+    x[1, 5:9, 3] = 9.0  # four tied maxima in one column
+    x[2, 0, :] = -9.0  # a row of maxima tied with them
+    return split(x, [1, 3])
+
+
+def _causal(seed: int, t: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    x = gaussian(seed, (w, t, t), 2.0) + 1.0
+    return x.masked_fill(~causal, -math.inf), causal
+
+
+def _causal_with_nonfinite() -> list[Chunk]:
+    x, causal = _causal(7, 20, 5)
+    x[2, 19, 4], x[2, 1, 10] = 40.0, 1e3  # the second is masked out
+    x[3, 6, 2], x[0, 7, 0] = math.inf, math.nan
+    return split(x, [2, 3], valid=causal)
+
+
+def _half_nonfinite(dtype: torch.dtype) -> list[Chunk]:
+    x = (gaussian(9, (6, 16, 12), 3.0)).to(dtype)
+    x[0, 1, 2], x[0, 4, 4], x[3, 5, 6], x[1, 2, 3] = math.inf, -math.inf, math.inf, math.nan
+    x[5, 0, 0] = 5000.0
+    x[4] = math.nan  # a whole window overflowed
+    return split(x, [2, 3, 1])
+
+
+def _masks() -> list[Chunk]:
+    x = random_windows(8, w=4, t=10, c=6)
+    window_mask = torch.tensor([True, False, True, True]).view(4, 1, 1)
+    token_mask = (torch.arange(10) % 3 != 0).view(1, 10, 1)
+    valid = window_mask & token_mask
+    return [Chunk(x[:1], 0, valid[:1]), Chunk(x[1:], 1, valid[1:])]
+
+
+def _strided_mask() -> list[Chunk]:
+    """A mask that is neither contiguous nor broadcast along channels (stride of the channel axis > 1)."""
+    x = gaussian(17, (3, 12, 10))
+    keep = torch.rand(3, 10, 12, generator=torch.Generator().manual_seed(2)) > 0.3
+    return split(x, [3], valid=keep.transpose(1, 2))
+
+
+def _relu_zeros() -> list[Chunk]:
+    shift = torch.tensor([0.0, 0.1, 0.3, -0.2, 1.5, 0.0]).view(6, 1, 1)
+    x = torch.relu(gaussian(15, (6, 32, 16)) - shift)
+    x[5] = 0.0
+    x[5, 3, 3] = 150.0  # an MA against a median of 0
+    return split(x, [2, 4], valid=torch.ones(32, 16, dtype=torch.bool).tril())
+
+
+def _mean_much_larger_than_spread() -> list[Chunk]:
+    x = gaussian(4, (6, 64, 8)) + 50.0
+    x[..., 0] = 1e4 + gaussian(5, (6, 64))
+    x[..., 1] = -3e5 + 0.01 * gaussian(6, (6, 64))
+    return split(x, [1, 2, 3])
+
+
+def _huge() -> list[Chunk]:
+    x = random_windows(6, w=3)
+    x[0, 0, 0], x[2, 5, 7] = -1e30, 3e9  # fourth powers overflow float32
+    return split(x, [1, 2])
+
+
+def _empty() -> list[Chunk]:
+    x = random_windows(3, w=4, t=6, c=5)
+    valid = torch.ones(4, 6, 5, dtype=torch.bool)
+    valid[2] = False  # a window with no valid element
+    return [Chunk(x[:1], 0, valid[:1]), Chunk(x[1:3, :0], 1), Chunk(x[3:], 3, valid[3:])]
+
+
+def _non_contiguous() -> list[Chunk]:
+    x = random_windows(14).double()
+    return split(x.transpose(1, 2).contiguous().transpose(1, 2), [2, 5])
+
+
+def _large_with_misses() -> list[Chunk]:
+    """Windows big enough for two lanes, whose medians jump (the bracket from the previous window misses),
+    with MAs in two columns (column scan) and in a third of the columns (the counting pass)."""
+    x = gaussian(30, (5, 256, 384))
+    x[1] *= 50.0
+    x[2] *= 0.02
+    x[0, 3, 7], x[0, 100, 9] = 3000.0, -2500.0
+    x[3, :, :128] = 2000.0 + gaussian(31, (256, 128))  # many MA columns and a median that jumps up
+    x[4, 17, 300] = -900.0
+    return split(x, [2, 3])
+
+
+def _large_bf16_masked() -> list[Chunk]:
+    """A first window with too few valid entries for the median's sample (histogram fallback), then
+    masked bfloat16 windows over two lanes."""
+    x = gaussian(40, (3, 200, 330), 4.0).bfloat16()
+    valid = torch.rand(3, 200, 330, generator=torch.Generator().manual_seed(3)) > 0.5
+    valid[0] = False
+    valid[0, :3, :5] = True
+    x[2, 50, 60] = 1e4
+    return split(x, [1, 2], valid=valid)
+
+
+CASES: dict[str, Callable[[], list[Chunk]]] = {
+    "batches": lambda: split(random_windows(0), [2, 1, 3, 1]),
+    "out-of-order": lambda: split(random_windows(1), [3, 2, 2])[::-1],
+    "ties": _ties,
+    "ties-out-of-order": lambda: _ties()[::-1],
+    "causal-nonfinite": _causal_with_nonfinite,
+    "float16-nonfinite": lambda: _half_nonfinite(torch.float16),
+    "bfloat16-nonfinite": lambda: _half_nonfinite(torch.bfloat16),
+    "masks": _masks,
+    "strided-mask": _strided_mask,
+    "relu-zeros-causal": _relu_zeros,
+    "mean-much-larger-than-spread": _mean_much_larger_than_spread,
+    "huge": _huge,
+    "empty-windows": _empty,
+    "non-contiguous-float64": _non_contiguous,
+    "large-misses": _large_with_misses,
+    "large-bfloat16-masked": _large_bf16_masked,
+}
+SETTINGS = {
+    "default": {},
+    "top0-no-channels": {"top_k": 0, "channel_stats": False},
+    "no-moments-top5": {"moments": False, "top_k": 5},
+    "ma50": {"ma_abs": 50.0, "ma_ratio": 100.0, "top_k": 1},
+}
+
+
+def _ordered(chunks: list[Chunk]) -> list[Chunk]:
+    return sorted(chunks, key=lambda c: c.offset)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=list(SETTINGS))
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_fused_equals_the_float64_reference(kernel: ModuleType, case: str, setting: str) -> None:
+    """Exact statistics exactly (top-k positions included, ties broken by window, token, channel), the
+    moments to float64 rounding."""
+    chunks = CASES[case]()
+    kwargs = SETTINGS[setting]
+    got = feed(lambda **kw: FusedReducer(kernel, **kw), chunks, **kwargs)
+    ref_kwargs = {k: v for k, v in kwargs.items() if k in ("top_k", "ma_abs", "ma_ratio")}
+    ref = reference(_ordered(chunks), **ref_kwargs)
+    if ref["n_elements"] == 0:
+        assert got.n_elements == 0 and math.isnan(got.max_abs)
+        return
+    moments = kwargs.get("moments", True)
+    channels = moments and kwargs.get("channel_stats", True)
+    assert_matches(got, ref, rtol=1e-9, channels=channels, moments=moments)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=list(SETTINGS))
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_fused_equals_the_reference_reducer(kernel: ModuleType, case: str, setting: str) -> None:
+    """Against TapReducer: every exact statistic equal, the same top-k |a| (of equal |a| the two may keep
+    different entries: the reference's within-chunk tie order is torch.topk's), moments to the
+    reference's own float32 precision."""
+    chunks = CASES[case]()
+    kwargs = SETTINGS[setting]
+    got = feed(lambda **kw: FusedReducer(kernel, **kw), chunks, **kwargs)
+    ref = feed(TapReducer, chunks, **kwargs)
+    assert_same(got, ref)
+
+
+def assert_same(got: TapStats, ref: TapStats, rtol: float = 1e-4) -> None:
+    for name in EXACT:
+        a, b = getattr(got, name), getattr(ref, name)
+        assert a == b or (math.isnan(a) and math.isnan(b)), name
+    np.testing.assert_array_equal(np.array(got.window_medians), np.array(ref.window_medians))
+    assert [e.abs for e in got.top] == [e.abs for e in ref.top]  # positions: against the float64 reference
+    for name in ("mean", "std", "kurtosis"):
+        np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=rtol, atol=rtol * ref.std)
+    for name in ("channel_count", "channel_absmax"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(ref, name))
+    if ref.channel_mean is not None:
+        np.testing.assert_allclose(got.channel_mean, ref.channel_mean, rtol=rtol, atol=1e-5)
+        np.testing.assert_allclose(got.channel_std, ref.channel_std, rtol=rtol, atol=1e-6)
+
+
+def test_the_kernel_takes_its_fallback_paths(kernel: ModuleType) -> None:
+    """Jumping medians miss the bracket (histogram fallback); steady windows do not."""
+    red = FusedReducer(kernel)
+    for chunk in _large_with_misses():
+        red.update(chunk.x, chunk.offset, chunk.valid)
+    assert red.misses >= 2
+    steady = FusedReducer(kernel)
+    steady.update(gaussian(50, (4, 256, 384)), 0)
+    assert steady.misses == 0
+
+
+def test_massive_count_at_the_float16_boundary(kernel: ModuleType) -> None:
+    """1000 × median = 200.56 lies just above the float16 value 200.5, which must not count."""
+    x = torch.full((1, 64, 8), 0.2005615234375, dtype=torch.float16)
+    x[0, 3, 1], x[0, 5, 2] = 200.5, 201.0
+    red = FusedReducer(kernel, ma_abs=50, ma_ratio=1000)
+    red.update(x, 0)
+    assert red.result().ma_count == 1
+
+
+def test_update_keeps_input_untouched_and_rejects_bad_input(kernel: ModuleType) -> None:
+    x = random_windows(12, w=2)
+    before = x.clone()
+    red = FusedReducer(kernel)
+    red.update(x, 0)
+    assert torch.equal(x, before)
+    with pytest.raises(ValueError):
+        red.update(torch.zeros(2, 3), 0)
+    with pytest.raises(TypeError):
+        red.update(torch.zeros(1, 2, 16, dtype=torch.int32), 0)
+    with pytest.raises(ValueError):
+        red.update(torch.zeros(1, 2, 4), 1)
+
+
+def test_a_failed_build_falls_back_with_one_warning_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(_verbose: bool) -> ModuleType:
+        raise RuntimeError("Error building extension 'outlier_study_fused'\nc++: not found")
+
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(build, "_compile", broken)
+    assert choose.tap_reducer("auto", True) is TapReducer
+    assert choose.tap_reducer("fused", True) is TapReducer
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: the fused reducer could not be built")
+    assert choose.tap_reducer("reference", True) is TapReducer
+
+
+def test_reducer_choice(kernel: ModuleType) -> None:
+    assert choose.tap_reducer("auto", False) is DeviceTapReducer  # tensors off the CPU
+    assert choose.tap_reducer("auto", True).func is FusedReducer  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="CPU"):
+        choose.tap_reducer("fused", False)
+
+
+def test_profile_windows_same_statistics_with_either_reducer(
+    kernel: ModuleType, model_cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tiny model end to end, attention maps (causal masks) included; the fused run really is fused."""
+    from tests.helpers import load_named
+
+    lm = load_named("tiny-llama", model_cache)
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(0))
+    taps = [*lm.arch.taps(None), "attn.scores", "attn.probs"]
+    layers = list(range(lm.n_layers))
+    calls: list[int] = []
+    update = FusedReducer.update
+    monkeypatch.setattr(FusedReducer, "update", lambda self, *a: calls.append(1) or update(self, *a))
+    kw = {"progress": False, "batch_size": 2, "ma_abs": 0.5, "ma_ratio": 2.0}
+    fused = profile_windows(lm, ids, taps, layers, reducer="fused", **kw)
+    assert calls
+    ref = profile_windows(lm, ids, taps, layers, reducer="reference", **kw)
+    assert fused.stats.keys() == ref.stats.keys()
+    assert sum(s.ma_count for s in ref.stats.values()) > 0  # the MA rule is exercised
+    for key, stats in ref.stats.items():
+        assert_same(fused.stats[key], stats)
