@@ -93,7 +93,10 @@ def typed_config(cfg: DictConfig) -> DictConfig:
         check_bounds(entry.options, options, group)
         OmegaConf.update(root, group, options, force_add=True, merge=False)
     check_bounds(RootConfig, root, "")
+    from outlier_study.quant.weights import WEIGHT_QUANTIZERS
     from outlier_study.sweep.tracker import check_config as check_logger
+
+    WEIGHT_QUANTIZERS.get(root.quant.weights)
 
     check_logger(root)
     return root
