@@ -75,7 +75,7 @@ class ThresholdConfig:
 @dataclass
 class GPTQConfig:
     damp: float = opt(0.01, "dampening λ: λ·mean(diag H) is added to the Hessian's diagonal", gt=0, le=1)
-    block_size: int = opt(128, "columns per lazy batch (speed only; the result is the same)", ge=1)
+    block_size: int = opt(128, "columns per lazy batch (speed; results differ only by float rounding)", ge=1)
     act_order: bool = opt(False, "quantize the input columns by decreasing Hessian diagonal")
     calib_windows: int = opt(
         32, "calibration windows (dataset.seq_len tokens each), disjoint from the evaluation windows", ge=1
