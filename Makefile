@@ -86,6 +86,11 @@ QUANT_GRID ?= quant=none,w8a8,w4a8,w4a4 method=none,massive_y6,gamma_smooth,smoo
 quant: install ## fake-quantized perplexity per outlier method × bit setting, with SmoothQuant and rotation
 	$(call paper_item,quant,$(QUANT_GRID))
 
+# RTN against GPTQ weights (quant.weights) for the methods that matter to weight quantization.
+GPTQ_GRID ?= quant=w4a16,w4a8 quant.weights=rtn,gptq method=none,smoothquant,rotation
+quant-gptq: install ## W4A16/W4A8 with RTN vs GPTQ weights, methods none / smoothquant / rotation
+	$(MAKE) --no-print-directory quant QUANT_GRID="$(GPTQ_GRID)" SWEEP=$(SWEEP)_gptq
+
 # Beyond the paper: super weights of down_proj, then what keeping them in full precision buys W4 weight-only
 # and W4A8 quantization with per-channel and grouped weight scales (not part of `make paper`).
 SUPERWEIGHT_GRID ?= quant=w4a16,w4a8 quant.w_group_size=null,128,32 method=none,superweight_keep
@@ -109,4 +114,4 @@ slurm-down: ## stop the local SLURM cluster (only the daemons slurm-up started, 
 clean: ## remove outputs (keeps .venv and the model cache)
 	rm -rf outputs multirun .pytest_cache
 
-.PHONY: help install run test bench docs coverage lint clean slurm-up slurm-down paper quant $(PAPER_ITEMS)
+.PHONY: help install run test bench docs coverage lint clean slurm-up slurm-down paper quant quant-gptq $(PAPER_ITEMS)

@@ -98,12 +98,14 @@ def typed_config(cfg: DictConfig) -> DictConfig:
         root.reducer != ReducerKind.fused or root.device == Device.cpu,
         "reducer",
         f"fused reads CPU tensors, but device={root.device}",
-        [ReducerKind.auto, ReducerKind.reference],
+        [ReducerKind.auto, ReducerKind.reference, ReducerKind.device],
     )
+    from outlier_study.measure.zeroshot import include_folder
+    from outlier_study.quant.weights import WEIGHT_QUANTIZERS
     from outlier_study.sweep.tracker import check_config as check_logger
 
+    WEIGHT_QUANTIZERS.get(root.quant.weights)
     check_logger(root)
-    from outlier_study.measure.zeroshot import include_folder
 
     include_folder(root.eval)  # a missing folder is refused before the tasks are looked up in it
     return root

@@ -146,6 +146,17 @@ CASES: list[Case] = [
     ("a-bits-high", ("quant.a_bits=17",), {}, "quant.a_bits"),
     ("kv-bits-zero", ("quant.kv_bits=0",), {}, "quant.kv_bits"),
     ("group-size-zero", ("quant.w_group_size=0",), {}, "quant.w_group_size"),
+    ("weights-unknown", (TINY, "experiment=quant", "quant.weights=awq"), {}, "quant.weights"),
+    ("gptq-damp-zero", (TINY, "experiment=quant", "quant.gptq.damp=0"), {}, "quant.gptq.damp"),
+    ("gptq-block-zero", (TINY, "experiment=quant", "quant.gptq.block_size=0"), {}, "quant.gptq.block_size"),
+    (
+        "gptq-calib-zero",
+        (TINY, "experiment=quant", "quant.gptq.calib_windows=0"),
+        {},
+        "quant.gptq.calib_windows",
+    ),
+    ("gptq-act-order", (TINY, "experiment=quant", "quant.gptq.act_order=maybe"), {}, "quant.gptq.act_order"),
+    ("gptq-key", (TINY, "experiment=quant", "quant.gptq.groups=8"), {}, "quant.gptq.groups"),
     ("alpha", (TINY, "experiment=quant", "method=smoothquant", "method.alpha=1.5"), {}, "method.alpha"),
     (
         "calib-zero",

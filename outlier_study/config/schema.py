@@ -75,10 +75,20 @@ class ThresholdConfig:
 
 
 @dataclass
+class GPTQConfig:
+    damp: float = opt(0.01, "dampening λ: λ·mean(diag H) is added to the Hessian's diagonal", gt=0, le=1)
+    block_size: int = opt(128, "columns per lazy batch (speed; results differ only by float rounding)", ge=1)
+    act_order: bool = opt(False, "quantize the input columns by decreasing Hessian diagonal")
+    calib_windows: int = opt(
+        32, "calibration windows (dataset.seq_len tokens each), disjoint from the evaluation windows", ge=1
+    )
+
+
+@dataclass
 class QuantConfig:
     name: str = opt("none", "label of the setting in results: none (W16A16) | w8a8 | w4a8 | w4a4 | ...")
     w_bits: int = opt(
-        16, "weights, symmetric round-to-nearest per output channel (16 = not quantized)", ge=2, le=16
+        16, "weights, symmetric, one step per output channel or group (16 = not quantized)", ge=2, le=16
     )
     a_bits: int = opt(
         16, "inputs of every decoder linear, dynamic symmetric (16 = not quantized)", ge=2, le=16
@@ -90,6 +100,8 @@ class QuantConfig:
         None, "null: one weight scale per output channel; else input columns per scale", gt=0
     )
     a_granularity: Granularity = opt(Granularity.token, "activation scales: one per token | one per tensor")
+    weights: str = opt("rtn", "weight quantizer: rtn (round-to-nearest) | gptq (on calibration windows)")
+    gptq: GPTQConfig = opt(GPTQConfig(), "GPTQ options, read when weights=gptq")
 
 
 @dataclass

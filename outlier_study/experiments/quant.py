@@ -29,8 +29,9 @@ from outlier_study.output.figures import quant_error_figure
 from outlier_study.output.files import write_figure, write_json
 from outlier_study.output.tables import Table, write_table
 from outlier_study.quant.error import quant_error
-from outlier_study.quant.fake import fake_quant, spec_from_config
+from outlier_study.quant.fake import OFF_BITS, fake_quant, spec_from_config
 from outlier_study.quant.methods import METHODS
+from outlier_study.quant.weights import WEIGHT_QUANTIZERS, WeightJob, quantize_weights
 
 LINEAR_INPUT_TAPS: tuple[str, ...] = ("attn.norm", "attn.ctx", "mlp.norm", "mlp.hidden")
 
@@ -94,12 +95,49 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def _calibration(ctx: Context) -> tuple[Any, dict[str, Any] | None]:
-    """Calibration windows disjoint from the evaluation windows (recorded in calibration.json)."""
-    calib = calibration_windows(ctx.windows, int(ctx.cfg.method.calib_windows))
-    record = {**calib.protocol, "starts": calib.starts}
-    write_json(ctx.job_dir / "calibration.json", record)
-    return calib.input_ids, record
+@dataclass
+class Calibration:
+    """The calibration windows of the method and of the weight quantizer (None: that one needs none), both
+    disjoint from the evaluation windows and cut by the same protocol, and what calibration.json holds."""
+
+    method: Any = None
+    weights: Any = None
+    record: dict[str, Any] | None = None
+
+    @property
+    def method_starts(self) -> list[int] | None:
+        return None if self.record is None else self.record.get("starts")
+
+    @property
+    def weight_starts(self) -> list[int] | None:
+        gptq = None if self.record is None else self.record.get("gptq")
+        return None if gptq is None else gptq["starts"]
+
+
+def _calibration(ctx: Context, method_calibrated: bool, weights_calibrated: bool) -> Calibration:
+    """Calibration windows disjoint from the evaluation windows (recorded in calibration.json): the
+    method's (`method.calib_windows`) and GPTQ's (`quant.gptq.calib_windows`). Both come from the same
+    free text with the same rule, so with contiguous sampling the smaller set is a prefix of the larger
+    (with equal counts they are the same windows); how many GPTQ windows the method also saw is recorded."""
+    out = Calibration()
+    record: dict[str, Any] = {}
+    method_starts: set[int] = set()
+    if method_calibrated:
+        calib = calibration_windows(ctx.windows, int(ctx.cfg.method.calib_windows))
+        out.method, method_starts = calib.input_ids, set(calib.starts)
+        record = {**calib.protocol, "starts": calib.starts}
+    if weights_calibrated:
+        n = int(ctx.cfg.quant.gptq.calib_windows)
+        calib = calibration_windows(ctx.windows, n, "quant.gptq.calib_windows")
+        out.weights = calib.input_ids
+        if not record:
+            record = {k: v for k, v in calib.protocol.items() if k != "n_windows"}
+        shared = len(method_starts & set(calib.starts)) if method_calibrated else None
+        record["gptq"] = {"n_windows": n, "starts": calib.starts, "shared_with_method": shared}
+    if record:
+        write_json(ctx.job_dir / "calibration.json", record)
+        out.record = record
+    return out
 
 
 def _write_tables(
@@ -177,15 +215,19 @@ def run(ctx: Context) -> dict[str, Any]:
     method = METHODS.get(method_name)
     diag_ids = ctx.windows.input_ids[: int(cfg.experiment.diag_windows)]
     batch_size, progress = int(cfg.dataset.batch_size), bool(cfg.progress)
-    calibration, calib_record = _calibration(ctx) if method.calibrated else (None, None)
+    quantizer = WEIGHT_QUANTIZERS.get(spec.weights)
+    calib = _calibration(ctx, method.calibrated, quantizer.calibrated and spec.w_bits < OFF_BITS)
 
     taps = _kurtosis_taps(ctx)
     before = _profile(ctx, diag_ids, taps, "kurtosis (original)")
     co_layers = _co_layers(ctx, diag_ids, taps)
-    inputs = Inputs(lm, cfg.method, ctx.threshold, calibration, batch_size, progress)
+    inputs = Inputs(lm, cfg.method, ctx.threshold, calib.method, batch_size, progress)
     accuracy = zeroshot(ctx)  # lm-eval's wrapper, built before the method applies
     with method.apply(inputs) as change:
-        with fake_quant(lm, spec):
+        # the weight quantizer sees the weights (and runs the hooks) the method left
+        job = WeightJob(lm, spec, cfg.quant.gptq, calib.weights, batch_size, progress)
+        weights, weight_record = quantize_weights(job)
+        with fake_quant(lm, spec, weights):
             desc = f"perplexity ({method_name}, {spec.label})"
             result = evaluate_perplexity(lm, ctx.windows.input_ids, batch_size, progress, desc)
             # the counts of the perplexity windows, before zero-shot and the diagnostics add to them
@@ -194,17 +236,21 @@ def run(ctx: Context) -> dict[str, Any]:
         after = (
             before if method_name == "none" else _profile(ctx, diag_ids, taps, f"kurtosis ({method_name})")
         )
-        with quant_error(lm, spec) as error_log:
+        with quant_error(lm, spec, weights) as error_log:
             forward_windows(lm, diag_ids, batch_size, progress, f"quantization error ({spec.label})")
+    del weights
     errors = error_log.relative()
+    if calib.weights is not None:
+        weight_record["quant.gptq.method_windows_shared"] = calib.record["gptq"]["shared_with_method"]
 
     cell = _write_tables(ctx, method_name, spec.label, result.ppl, errors, before, after)
     _error_figure(ctx, method_name, spec.label, errors, before, co_layers)
-    setting = {**spec.summary(), "method": method_name, **method_summary}
+    setting = {**spec.summary(), **weight_record, "method": method_name, **method_summary}
     record_perplexity(
         ctx,
         {f"{method_name} {spec.label}": (result, changed, setting)},
-        calibration_starts=None if calib_record is None else calib_record["starts"],
+        calibration_starts=calib.method_starts,
+        gptq_calibration_starts=calib.weight_starts,
         co_layers=co_layers,
     )
     print(f"\nquantization ({cfg.model.name}, {cfg.dataset.name}, token-level perplexity):")
@@ -220,9 +266,10 @@ def run(ctx: Context) -> dict[str, Any]:
         "dataset.seq_len": int(cfg.dataset.seq_len),
         "dataset.n_windows": int(cfg.dataset.n_windows),
         **spec.summary(),
+        **weight_record,
         "method": method_name,
         **method_summary,
-        "calib_windows": 0 if calibration is None else int(calibration.shape[0]),
+        "calib_windows": 0 if calib.method is None else int(calib.method.shape[0]),
         "diag_windows": int(diag_ids.shape[0]),
         "quant_error.mean": _mean(list(errors.values())),
         "quant_error.max": max(errors.values(), default=math.nan),

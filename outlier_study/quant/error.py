@@ -7,7 +7,7 @@ out (they are not quantized). Only two float64 sums per linear are kept across w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,7 @@ class ErrorLog:
         return out
 
 
-def _hook(key: tuple[int, str], spec: QuantSpec, log: ErrorLog) -> Any:
+def _hook(key: tuple[int, str], spec: QuantSpec, log: ErrorLog, qw: torch.Tensor | None) -> Any:
     per_sample = spec.a_granularity == "tensor"
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -51,23 +51,28 @@ def _hook(key: tuple[int, str], spec: QuantSpec, log: ErrorLog) -> Any:
         w = weight_out_in(module)  # type: ignore[arg-type]
         ref = F.linear(x, w)
         qx = quantize(x, spec.a_bits, per_sample=per_sample)
-        qw = quantize(w, spec.w_bits, group_size=spec.w_group_size)
-        diff = F.linear(qx, qw).sub_(ref)
+        qw_now = quantize(w, spec.w_bits, group_size=spec.w_group_size) if qw is None else qw
+        diff = F.linear(qx, qw_now).sub_(ref)
         log.add(key, diff.double().square().sum(), ref.double().square().sum())
 
     return hook
 
 
 @contextmanager
-def quant_error(lm: LoadedModel, spec: QuantSpec) -> Iterator[ErrorLog]:
+def quant_error(
+    lm: LoadedModel, spec: QuantSpec, weights: Mapping[nn.Module, torch.Tensor] | None = None
+) -> Iterator[ErrorLog]:
     """Hook every decoder linear for the block and stream its relative error under `spec` (weights and
-    activations; KV quantization is not a linear's error). With 16/16 bits nothing is hooked: error 0."""
+    activations; KV quantization is not a linear's error). With 16/16 bits nothing is hooked: error 0.
+    `weights`: the quantized (out, in) weights a weight quantizer made (e.g. GPTQ); without them each
+    weight is rounded to nearest in the hook."""
     log = ErrorLog()
     linears = lm.adapter.linears(lm.model)
     with ExitStack() as stack:
         if spec.w_bits < OFF_BITS or spec.a_bits < OFF_BITS:
             for layer, path, module in linears:
-                handle = module.register_forward_hook(_hook((layer, path), spec, log))
+                qw = None if weights is None else weights[module]
+                handle = module.register_forward_hook(_hook((layer, path), spec, log, qw))
                 stack.callback(handle.remove)
         else:
             zero = torch.zeros((), dtype=torch.float64)

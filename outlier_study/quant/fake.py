@@ -12,7 +12,7 @@ error of every element is at most scale / 2. 16 bits means "not quantized" for t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,10 +36,24 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def grid_scale(amax: torch.Tensor, bits: int) -> torch.Tensor:
+    """The step of the symmetric b-bit grid whose largest level is amax (float32; an all-zero group gets a
+    tiny step). RTN and GPTQ both take their steps from here, so they share one grid."""
+    return amax.float().clamp_min(_MIN_AMAX).div_(qmax(bits))
+
+
+def snap(x: torch.Tensor, scale: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+    """x rounded to the nearest multiple of scale (float32, a new tensor). With `bits`, the level is clamped
+    to ±qmax: GPTQ's error feedback can move a weight past the largest level, RTN's x never is."""
+    out = torch.div(x, scale).round_()
+    if bits is not None:
+        out.clamp_(-qmax(bits), qmax(bits))
+    return out.mul_(scale)
+
+
 def _round_to_grid(x: torch.Tensor, amax: torch.Tensor, bits: int) -> torch.Tensor:
     """x quantized with scale amax / qmax (amax broadcasts against x); a new tensor, x is not written."""
-    scale = amax.float().clamp_min_(_MIN_AMAX).div_(qmax(bits))
-    out = torch.div(x, scale).round_().mul_(scale)
+    out = snap(x, grid_scale(amax, bits))
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -68,6 +82,18 @@ def quantize(
     return out[..., :width] if pad else out
 
 
+def weight_scale(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """The step RTN gives every element of an (out, in) weight: one per row, or one per group of
+    `group_size` consecutive columns, expanded to w's shape (float32)."""
+    width = w.shape[-1]
+    if group_size is None or group_size >= width:
+        return grid_scale(w.abs().amax(dim=-1, keepdim=True), bits).expand(w.shape)
+    pad = (-width) % group_size
+    groups = (F.pad(w, (0, pad)) if pad else w).reshape(*w.shape[:-1], -1, group_size)
+    scale = grid_scale(groups.abs().amax(dim=-1, keepdim=True), bits).expand(groups.shape)
+    return scale.reshape(*w.shape[:-1], width + pad)[..., :width]
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """Bit widths and granularities of one fake-quantization setting (bounds: the `quant` schema)."""
@@ -78,14 +104,16 @@ class QuantSpec:
     w_group_size: int | None = None  # None: one scale per output channel
     a_granularity: str = "token"  # token | tensor
     name: str = "custom"
+    weights: str = "rtn"  # the weight quantizer (quant/weights.py): rtn | gptq
 
     @property
     def label(self) -> str:
         """The usual column name, e.g. W8A8, W4A16, W16A16, W4A4KV4; grouped weight scales add the group
-        size (W4A16g128)."""
+        size (W4A16g128), a weight quantizer other than RTN its name (W4A16-GPTQ)."""
         kv = f"KV{self.kv_bits}" if self.kv_bits < OFF_BITS else ""
         group = f"g{self.w_group_size}" if self.w_group_size is not None and self.w_bits < OFF_BITS else ""
-        return f"W{self.w_bits}A{self.a_bits}{group}{kv}"
+        how = f"-{self.weights.upper()}" if self.weights != "rtn" and self.w_bits < OFF_BITS else ""
+        return f"W{self.w_bits}A{self.a_bits}{group}{kv}{how}"
 
     @property
     def active(self) -> bool:
@@ -100,6 +128,7 @@ class QuantSpec:
             "quant.kv_bits": self.kv_bits,
             "quant.w_group_size": self.w_group_size,
             "quant.a_granularity": self.a_granularity,
+            "quant.weights": self.weights,
         }
 
 
@@ -112,6 +141,7 @@ def spec_from_config(cfg: Any) -> QuantSpec:
         w_group_size=cfg.w_group_size,
         a_granularity=str(cfg.a_granularity),
         name=str(cfg.name),
+        weights=str(cfg.weights),
     )
 
 
@@ -158,10 +188,14 @@ def _kv_hook(bits: int, group: int, fused_width: int | None) -> Any:
 
 
 @contextmanager
-def fake_quant(lm: LoadedModel, spec: QuantSpec) -> Iterator[dict[str, Any]]:
+def fake_quant(
+    lm: LoadedModel, spec: QuantSpec, weights: Mapping[nn.Module, torch.Tensor] | None = None
+) -> Iterator[dict[str, Any]]:
     """Quantize the decoder's linear weights and hook their inputs (and k/v outputs) for the block.
 
-    The weights get new (quantized) tensors and the original tensor objects come back on exit, so the
+    `weights` holds the (out, in) quantized weight of every decoder linear when a weight quantizer made
+    them (quant/weights.py, e.g. GPTQ); without it the weights are rounded to nearest here. The weights
+    get new (quantized) tensors and the original tensor objects come back on exit, so the
     restore is bit-exact, also when the body raises. Hooks are appended, so a method's pre-hooks registered
     with prepend=True (MA removal, the online Hadamard) run before the activation quantizer."""
     model, adapter = lm.model, lm.adapter
@@ -171,7 +205,11 @@ def fake_quant(lm: LoadedModel, spec: QuantSpec) -> Iterator[dict[str, Any]]:
         if spec.w_bits < OFF_BITS:
             with torch.no_grad():
                 for _, _, module in linears:
-                    w = quantize(weight_out_in(module).detach(), spec.w_bits, group_size=spec.w_group_size)
+                    w = weights[module] if weights is not None else None
+                    if w is None:
+                        w = quantize(
+                            weight_out_in(module).detach(), spec.w_bits, group_size=spec.w_group_size
+                        )
                     edits.set_data(module.weight, to_storage(module, w))
         if spec.a_bits < OFF_BITS:
             quantizer = ActivationQuantizer(spec.a_bits, spec.a_granularity)
