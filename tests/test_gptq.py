@@ -340,7 +340,7 @@ def test_quant_experiment_records_gptq(tmp_path: Path) -> None:
     assert metrics["quant.gptq.calib_windows"] == 3 and metrics["calib_windows"] == 2
     assert metrics["quant.gptq.method_windows_shared"] == 2  # contiguous: the method's 2 are GPTQ's first 2
     assert metrics["quant.gptq.calib_activations"] == "full precision"
-    assert (job / "tables" / "quant.csv").read_text().splitlines()[0] == "dataset,method,W4A8-GPTQ"
+    assert (job / "tables" / "quant.csv").read_text().splitlines()[0] == "dataset,seq_len,method,W4A8-GPTQ"
     calib = json.loads((job / "calibration.json").read_text())
     evaluation = json.loads((job / "windows.json").read_text())
     text_len = evaluation["seq_len"]
