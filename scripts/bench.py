@@ -53,6 +53,8 @@ from typing import Any
 
 import torch
 
+from outlier_study.config.vocab import ReducerKind
+
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
 MA_TAPS = ["resid.pre", "resid.mid", "resid.post", "mlp.hidden", "mlp.out"]
@@ -527,7 +529,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--reducer", choices=["auto", "fused", "reference"], default="auto", help="config reducer")
+    p.add_argument("--reducer", choices=[k.value for k in ReducerKind], default="auto", help="config reducer")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=REPO / "outputs/bench/bench.json")
     modes = ["bench", "plain", "full", *EXECUTIONS]
