@@ -127,6 +127,7 @@ def _large_with_misses() -> list[Chunk]:
     x[0, 3, 7], x[0, 100, 9] = 3000.0, -2500.0
     x[3, :, :128] = 2000.0 + gaussian(31, (256, 128))  # many MA columns and a median that jumps up
     x[4, 17, 300] = -900.0
+    x[1, 10, 10], x[1, 20, 20], x[3, 5, 5] = math.nan, math.inf, -math.inf  # counted once, also on a miss
     return split(x, [2, 3])
 
 
@@ -139,6 +140,13 @@ def _large_bf16_masked() -> list[Chunk]:
     valid[0, :3, :5] = True
     x[2, 50, 60] = 1e4
     return split(x, [1, 2], valid=valid)
+
+
+def _wide() -> list[Chunk]:
+    """More channels than one block of the kernel holds (4096): rows are read in several tiles."""
+    x = gaussian(60, (3, 24, 4100), 2.0)
+    x[1, 3, 4099], x[2, 0, 4096], x[0, 5, 7] = 500.0, -600.0, math.nan
+    return split(x, [1, 2], valid=(torch.arange(24) % 5 != 1).view(1, 24, 1))
 
 
 CASES: dict[str, Callable[[], list[Chunk]]] = {
@@ -158,6 +166,7 @@ CASES: dict[str, Callable[[], list[Chunk]]] = {
     "non-contiguous-float64": _non_contiguous,
     "large-misses": _large_with_misses,
     "large-bfloat16-masked": _large_bf16_masked,
+    "wide": _wide,
 }
 SETTINGS = {
     "default": {},
@@ -218,14 +227,19 @@ def assert_same(got: TapStats, ref: TapStats, rtol: float = 1e-4) -> None:
 
 
 def test_the_kernel_takes_its_fallback_paths(kernel: ModuleType) -> None:
-    """Jumping medians miss the bracket (histogram fallback); steady windows do not."""
+    """Jumping medians miss the bracket from the previous window (a sampled bracket then holds them), a
+    window too sparse to sample goes to the histogram; steady windows take neither path."""
     red = FusedReducer(kernel)
     for chunk in _large_with_misses():
         red.update(chunk.x, chunk.offset, chunk.valid)
     assert red.misses >= 2
+    sparse = FusedReducer(kernel)
+    for chunk in _large_bf16_masked():
+        sparse.update(chunk.x, chunk.offset, chunk.valid)
+    assert sparse.fallbacks >= 1
     steady = FusedReducer(kernel)
     steady.update(gaussian(50, (4, 256, 384)), 0)
-    assert steady.misses == 0
+    assert steady.misses == steady.fallbacks == 0
 
 
 def test_massive_count_at_the_float16_boundary(kernel: ModuleType) -> None:

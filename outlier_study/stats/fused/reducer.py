@@ -40,8 +40,10 @@ class FusedReducer(TapState):
         super().__init__(top_k, ma_abs, ma_ratio, channel_stats, moments)
         self._kernel = kernel
         self._hint = math.nan  # the last window median: brackets the next window's median in the kernel
-        self.misses = 0  # windows whose median fell outside the bracket (two more passes; diagnostics)
-        self._gm = torch.zeros(11, dtype=torch.float64)
+        self._spread = 1.0 / 32.0  # that bracket's relative half-width, adapted by the kernel
+        self.misses = 0  # windows whose median fell outside that bracket (one more pass; diagnostics)
+        self.fallbacks = 0  # ... and outside a sampled one too (two more passes)
+        self._gm = torch.zeros(13, dtype=torch.float64)
         self._gm_np = self._gm.numpy()
         self._medians_buf = torch.zeros(1, dtype=torch.float64)
         self._top_buf = torch.zeros(max(top_k, 1), 5, dtype=torch.float64)
@@ -74,18 +76,21 @@ class FusedReducer(TapState):
             self.moments,
             self.channel_stats,
             self._hint,
+            self._spread,
             floor,
             self._gm,
             self._medians_buf,
             self._top_buf,
             self._ch,
         )
-        n, mean, m2, m3, m4, nan, inf, good, ma, misses, max_abs = self._gm_np.tolist()
+        n, mean, m2, m3, m4, nan, inf, good, ma, misses, max_abs, spread, fallbacks = self._gm_np.tolist()
         self._nan += int(nan)
         self._inf += int(inf)
         self._count += int(good)
         self._ma += int(ma)
         self.misses += int(misses)
+        self.fallbacks += int(fallbacks)
+        self._spread = spread
         if max_abs >= 0.0:
             self._max_abs = max(self._max_abs, max_abs)
         medians = self._medians_buf[:B].tolist()
