@@ -60,10 +60,16 @@ namespace {
 constexpr int kRows = OS_ROWS;
 constexpr int64_t kTile = OS_TILE;
 constexpr int64_t kLaneMin = 1 << 15;   // below this many elements per lane a window gets fewer lanes
-constexpr int kPilot = 2048;            // sampled keys that bracket the median of a window without a hint
+constexpr int kPilot = 8192;            // sampled keys that bracket the median of a window without a hint
+constexpr int kPilotRows = 256;         // ... read as runs of channels from this many evenly spaced rows
+constexpr int kSelectBins = 4096;       // histogram bins that narrow the median's selection to one bin
 // The median bracket around the previous window's median is +-spread (relative): the caller passes the
 // spread back in; it doubles after a miss and shrinks by 10% after a hit, within these bounds.
 constexpr double kSpreadMin = 1.0 / 64.0, kSpreadMax = 1.0 / 4.0;
+// Above this |a| (or shift) a block's moment sums are taken in float64: (a - shift)^4 stays below
+// 16 * kWide^4, far inside float's range (the reference reducer's limit too).
+constexpr double kWide = 1e8;
+constexpr int64_t kFlush = 64;  // rows of float partial moment sums between moves into float64
 
 template <typename W>
 struct Bits;
@@ -122,6 +128,7 @@ struct Lane {
   std::vector<W> vals;            // kRows x kTile converted values (non-float32 or strided input)
   std::vector<uint8_t> mrow;      // kTile mask bytes (broadcast or strided mask)
   std::vector<double> acc;        // 5 x C: count, S1..S4 of (a - shift) per channel, this update
+  std::vector<W> part;            // 5 x C: the same over the last < kFlush rows (block_sums)
   std::vector<W> shift;           // C
   std::vector<Key> pending;       // C: 1 while the channel has no shift yet
   int64_t n_pending = 0;
@@ -131,6 +138,8 @@ struct Lane {
   std::vector<uint32_t> hist;     // fallback histogram of the top 16 key bits
   int64_t n_nan = 0, n_inf = 0;   // this update
   int64_t n_good = 0, n_below = 0, n_ma = 0, n_hits = 0;  // this window
+  int64_t n_wide = 0;             // valid finite keys above kWide (the main pass; only compared)
+  bool wide_shift = false;        // a shift above kWide: this update's moment sums go float64
 };
 
 template <typename W>
@@ -141,7 +150,8 @@ struct Workspace {
   std::vector<SKey> wcol;      // C: window column max over lanes
   std::vector<SKey> ucol;      // C: update column max (channel absmax)
   std::vector<SKey> order;     // C: scratch for the k-th column max
-  std::vector<Key> select;     // the bracket's keys of all lanes
+  std::vector<Key> select;     // the sample, or the gathered keys of the median's bin
+  std::vector<int64_t> bins;   // histogram of the gathered keys (select_gathered)
   std::vector<int64_t> cols;   // candidate columns
 };
 
@@ -162,6 +172,7 @@ struct Ctx {
   Key lo = 0, span = 0;           // gather keys with key - lo <= span (unsigned)
   Key below = 0;                  // count keys < below
   Key ma_lo = 0, ma_span = 0;     // count keys with key - ma_lo < ma_span: |a| > floor(ma_abs)
+  Key wide = 0;                   // the key of kWide
 };
 
 template <typename In, typename W>
@@ -203,7 +214,8 @@ OS_INLINE void row_keys(const Ctx<In, W>& cx, Lane<W>& L, const W* __restrict__ 
   constexpr Key kInf = Bits<W>::kInf;
   const Key below_key = cx.below, ma_lo = cx.ma_lo, ma_span = cx.ma_span;
   SKey* __restrict__ cm = L.colmax.data() + c0;
-  Key valid = 0, good = 0, below = 0, ma = 0;
+  const Key wide_key = cx.wide;
+  Key valid = 0, good = 0, below = 0, ma = 0, wide = 0;
   for (int64_t c = 0; c < nc; ++c) {
     const Key a = key_of(v[c]);
     const Key ok = kMask ? static_cast<Key>(m[c] != 0) : Key(1);
@@ -214,6 +226,7 @@ OS_INLINE void row_keys(const Ctx<In, W>& cx, Lane<W>& L, const W* __restrict__ 
       good += static_cast<Key>(kc != kInf);
       below += static_cast<Key>(kc < below_key);
       ma += static_cast<Key>(static_cast<Key>(kc - ma_lo) < ma_span);
+      wide += static_cast<Key>(kc > wide_key) & static_cast<Key>(kc != kInf);
       const SKey s = static_cast<SKey>(kc) | -static_cast<SKey>(kc == kInf);  // kInf -> -1: no element
       cm[c] = std::max(cm[c], s);
     }
@@ -222,6 +235,7 @@ OS_INLINE void row_keys(const Ctx<In, W>& cx, Lane<W>& L, const W* __restrict__ 
     L.n_good += static_cast<int64_t>(good);
     L.n_below += static_cast<int64_t>(below);
     L.n_ma += static_cast<int64_t>(ma);
+    L.n_wide += static_cast<int64_t>(wide);
     if (valid != good) {  // non-finite valid entries in this row
       Key nan = 0;
       for (int64_t c = 0; c < nc; ++c) {
@@ -318,6 +332,56 @@ OS_INLINE void gather_block(Lane<W>& L, const typename Bits<W>::Key* keys, int n
   L.n_gather = ng;
 }
 
+// Adds the count and the sums S1..S4 of (a - shift) of one block's valid entries, per channel, to sums
+// of type A at acc (rows C apart). A is the input's own float type (16 lanes per instruction where float64
+// has 8, and a sum table a quarter the size of float64 loads and stores): main_pass moves those partial sums
+// into float64 every kFlush rows, so a float sum never holds more than kFlush terms, the float32 precision of
+// the reference reducer's block sums. A block where |a| or a shift passes kWide sums straight into float64,
+// since a float fourth power of (a - shift) could overflow there.
+template <typename W, typename A>
+OS_INLINE void block_sums(const W* const* rows, const typename Bits<W>::Key* __restrict__ keys,
+                          const W* __restrict__ shift, A* acc, int64_t C, int64_t nc) {
+  constexpr typename Bits<W>::Key kInf = Bits<W>::kInf;
+  A* __restrict__ n = acc;  // restrict: A may be the input's type, and these never alias it
+  A* __restrict__ s1 = acc + C;
+  A* __restrict__ s2 = acc + 2 * C;
+  A* __restrict__ s3 = acc + 3 * C;
+  A* __restrict__ s4 = acc + 4 * C;
+#pragma GCC ivdep  // the sums never alias the rows: no run-time alias checks (GCC allows 10, this needs 30)
+  for (int64_t c = 0; c < nc; ++c) {
+    const A sh = static_cast<A>(shift[c]);
+    A bn = 0, b1 = 0, b2 = 0, b3 = 0, b4 = 0;
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const bool g = keys[r * kTile + c] != kInf;
+      const A v = static_cast<A>(rows[r][c]);  // loaded unconditionally: no branch
+      const A d = g ? v - sh : A(0);
+      const A d2 = d * d;
+      bn += g ? A(1) : A(0);
+      b1 += d;
+      b2 += d2;
+      b3 += d2 * d;
+      b4 += d2 * d2;
+    }
+    n[c] += bn;
+    s1[c] += b1;
+    s2[c] += b2;
+    s3[c] += b3;
+    s4[c] += b4;
+  }
+}
+
+// Moves a lane's partial sums into its float64 sums.
+template <typename W>
+OS_INLINE void flush_sums(Lane<W>& L) {
+  double* acc = L.acc.data();
+  W* part = L.part.data();
+  for (size_t i = 0, n = L.part.size(); i < n; ++i) {
+    acc[i] += static_cast<double>(part[i]);
+    part[i] = W(0);
+  }
+}
+
 // The one pass: keys, column max, counts, the median bracket's keys, and (kMoments) the shifted sums.
 template <typename In, typename W, bool kMask, bool kMoments>
 OS_INLINE void main_pass(const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t0, int64_t t1) {
@@ -325,13 +389,15 @@ OS_INLINE void main_pass(const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t0
   constexpr Key kInf = Bits<W>::kInf;
   const int64_t C = cx.C;
   double* acc = L.acc.data();
+  W* part = L.part.data();
+  int64_t wide_seen = L.n_wide, rows_since_flush = 0;
   for_blocks<In, W, kMask, true>(cx, L, b, t0, t1, [&](const W* const* rows, const Key* keys, int nr,
                                                        int64_t c0, int64_t nc) OS_LAMBDA_INLINE {
     if constexpr (kMoments) {
       W* shift = L.shift.data() + c0;
       if (L.n_pending > 0) {
         Key* pend = L.pending.data() + c0;
-        Key took = 0;
+        Key took = 0, wide_took = 0;
         for (int r = 0; r < nr; ++r) {
           const Key* k = keys + r * kTile;
           for (int64_t c = 0; c < nc; ++c) {
@@ -340,39 +406,27 @@ OS_INLINE void main_pass(const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t0
             shift[c] = take ? v : shift[c];
             pend[c] &= take ^ Key(1);
             took += take;
+            wide_took |= take & static_cast<Key>(k[c] > cx.wide);
           }
         }
         L.n_pending -= static_cast<int64_t>(took);
+        L.wide_shift = L.wide_shift || wide_took != 0;
       }
-      double* n = acc + c0;
-      double* s1 = acc + C + c0;
-      double* s2 = acc + 2 * C + c0;
-      double* s3 = acc + 3 * C + c0;
-      double* s4 = acc + 4 * C + c0;
-      for (int64_t c = 0; c < nc; ++c) {
-        const double sh = static_cast<double>(shift[c]);
-        double bn = 0.0, b1 = 0.0, b2 = 0.0, b3 = 0.0, b4 = 0.0;
-#pragma GCC unroll 8
-        for (int r = 0; r < kRows; ++r) {
-          const bool g = keys[r * kTile + c] != kInf;
-          const double v = static_cast<double>(rows[r][c]);  // loaded unconditionally: no branch
-          const double d = g ? v - sh : 0.0;
-          const double d2 = d * d;
-          bn += g ? 1.0 : 0.0;
-          b1 += d;
-          b2 += d2;
-          b3 += d2 * d;
-          b4 += d2 * d2;
-        }
-        n[c] += bn;
-        s1[c] += b1;
-        s2[c] += b2;
-        s3[c] += b3;
-        s4[c] += b4;
+      const bool wide = L.n_wide != wide_seen || L.wide_shift;
+      wide_seen = L.n_wide;
+      if (wide) {
+        block_sums<W, double>(rows, keys, shift, acc + c0, C, nc);
+      } else {
+        block_sums<W, W>(rows, keys, shift, part + c0, C, nc);
+      }
+      if (c0 + nc == C && (rows_since_flush += kRows) >= kFlush) {
+        flush_sums(L);
+        rows_since_flush = 0;
       }
     }
     gather_block(L, keys, nr, nc, cx.lo, cx.span);
   });
+  if constexpr (kMoments) flush_sums(L);
 }
 
 // Fallback passes over a lane's rows: a new bracket (count below, gather inside), a histogram of the top
@@ -503,22 +557,23 @@ OS_INLINE bool entry(const Ctx<In, W>& cx, int64_t b, int64_t t, int64_t c, W& v
 }
 
 // A bracket [lo, hi] of keys that likely holds the median of window b, between two quantiles of a sample
-// of the window (a fixed stride coprime to its size: spread over tokens and channels, no randomness).
-// False: too few valid entries in the sample.
+// of the window: runs of channels from kPilotRows evenly spaced rows, each run starting where the golden
+// ratio puts it, so the sample spans tokens and channels and is read as a few cache lines per row (a
+// scattered sample costs a cache miss per key). No randomness. False: too few valid entries in the sample.
 template <typename In, typename W>
 bool sample_bracket(const Ctx<In, W>& cx, int64_t b, typename Bits<W>::Key& lo, typename Bits<W>::Key& hi,
                     std::vector<typename Bits<W>::Key>& sample) {
-  const int64_t n = cx.T * cx.C;
-  const int64_t m = std::min<int64_t>(kPilot, n);
+  const int64_t rows = std::min<int64_t>(kPilotRows, cx.T);
+  const int64_t run = std::min<int64_t>(cx.C, (kPilot + rows - 1) / rows);
   sample.clear();
-  int64_t stride = static_cast<int64_t>(n * 0.6180339887498949) | 1;
-  while (std::gcd(stride, n) != 1) stride += 2;
-  int64_t pos = 0;
-  for (int64_t i = 0; i < m; ++i) {
-    W v;
-    if (entry(cx, b, pos / cx.C, pos % cx.C, v)) sample.push_back(key_of(v));
-    pos += stride;
-    if (pos >= n) pos %= n;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t t = cx.T * i / rows;
+    const int64_t c0 = static_cast<int64_t>(static_cast<double>(i) * 0.6180339887498949 * cx.C) % cx.C;
+    for (int64_t j = 0; j < run; ++j) {
+      const int64_t c = c0 + j < cx.C ? c0 + j : c0 + j - cx.C;
+      W v;
+      if (entry(cx, b, t, c, v)) sample.push_back(key_of(v));
+    }
   }
   const int64_t s = static_cast<int64_t>(sample.size());
   if (s < 64) return false;
@@ -530,6 +585,35 @@ bool sample_bracket(const Ctx<In, W>& cx, int64_t b, typename Bits<W>::Key& lo, 
   std::nth_element(sample.begin() + rlo, sample.begin() + rhi, sample.end());
   hi = sample[rhi];
   return true;
+}
+
+// The key of rank r among the keys the lanes gathered (all in [lo, hi]). A histogram of (key - lo) over at
+// most kSelectBins bins finds the bin that holds rank r; selection then runs on that bin's keys alone, a
+// small fraction of a bracket that can hold several percent of the window.
+template <typename W>
+typename Bits<W>::Key select_gathered(Workspace<W>& ws, int64_t n_lanes, typename Bits<W>::Key lo,
+                                      typename Bits<W>::Key hi, int64_t r) {
+  using Key = typename Bits<W>::Key;
+  int shift = 0;
+  while (((hi - lo) >> shift) >= static_cast<Key>(kSelectBins)) ++shift;
+  std::vector<int64_t>& bins = ws.bins;
+  bins.assign(static_cast<size_t>((hi - lo) >> shift) + 1, 0);
+  for (int64_t l = 0; l < n_lanes; ++l) {
+    const Key* g = ws.lanes[l].gather.data();
+    for (int64_t i = 0, n = ws.lanes[l].n_gather; i < n; ++i) ++bins[(g[i] - lo) >> shift];
+  }
+  Key bin = 0;
+  for (; r >= bins[bin]; ++bin) r -= bins[bin];
+  std::vector<Key>& sel = ws.select;
+  sel.clear();
+  for (int64_t l = 0; l < n_lanes; ++l) {
+    const Key* g = ws.lanes[l].gather.data();
+    for (int64_t i = 0, n = ws.lanes[l].n_gather; i < n; ++i) {
+      if (((g[i] - lo) >> shift) == bin) sel.push_back(g[i]);
+    }
+  }
+  std::nth_element(sel.begin(), sel.begin() + r, sel.end());
+  return sel[r];
 }
 
 // hint * (1 -+ spread) as keys: the bracket when a recent median of this tap is known.
@@ -593,9 +677,11 @@ void run(const Ctx<In, W>& cx0, const Options& opt, double* medians, Totals& tot
     L.n_nan = L.n_inf = 0;
     if (opt.moments) {
       L.acc.assign(5 * C, 0.0);
+      L.part.assign(5 * C, W(0));
       L.shift.assign(C, W(0));
       L.pending.assign(C, typename Bits<W>::Key(1));
       L.n_pending = C;
+      L.wide_shift = false;
     }
     L.colmax.resize(C);
   }
@@ -606,6 +692,7 @@ void run(const Ctx<In, W>& cx0, const Options& opt, double* medians, Totals& tot
   const W ma_floor = round_to<W>(opt.ma_abs, false);
   cx.ma_lo = ma_floor < W(0) ? Key(0) : key_of(ma_floor) + 1;
   cx.ma_span = kInf > cx.ma_lo ? kInf - cx.ma_lo : Key(0);
+  cx.wide = key_of(static_cast<W>(kWide));
   const Key top_floor = opt.top_floor >= 0.0 ? key_of(static_cast<W>(opt.top_floor)) : Key(0);
   const Pass main = opt.moments ? Pass::kMain : Pass::kMainNoMoments;
   double hint = opt.hint;
@@ -698,16 +785,7 @@ void run(const Ctx<In, W>& cx0, const Options& opt, double* medians, Totals& tot
     if (lo == hi) {
       med = lo;
     } else {
-      std::vector<Key>& sel = ws.select;
-      sel.resize(n_in);
-      int64_t at = 0;
-      for (int64_t l = 0; l < n_lanes; ++l) {
-        const Lane<W>& L = ws.lanes[l];
-        std::copy(L.gather.begin(), L.gather.begin() + L.n_gather, sel.begin() + at);
-        at += L.n_gather;
-      }
-      std::nth_element(sel.begin(), sel.begin() + (rank - n_below), sel.end());
-      med = sel[rank - n_below];
+      med = select_gathered(ws, n_lanes, lo, hi, rank - n_below);
     }
     const double median = static_cast<double>(value_of<W>(med));
     medians[b] = median;

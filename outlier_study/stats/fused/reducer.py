@@ -8,8 +8,8 @@ with the reference. Its outputs land in buffers made once per reducer, so an upd
 the tensor's size and runs a fixed handful of Python statements.
 
 Agreement with the reference (tests/test_fused.py): counts, max |a|, window medians, MA counts, channel
-counts and |a| max and the top-k entries are equal; the moments agree to float64 rounding (the kernel
-keeps float64 sums where the reference sums float32 blocks, so it is the more precise of the two).
+counts and |a| max and the top-k entries are equal; the moments agree to float32 precision (both sum
+float32 blocks into float64: the kernel's blocks are at most 64 rows of one lane, see `block_sums`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class FusedReducer(TapState):
         super().__init__(top_k, ma_abs, ma_ratio, channel_stats, moments)
         self._kernel = kernel
         self._hint = math.nan  # the last window median: brackets the next window's median in the kernel
-        self._spread = 1.0 / 32.0  # that bracket's relative half-width, adapted by the kernel
+        self._spread = 1.0 / 16.0  # that bracket's relative half-width, adapted by the kernel
         self.misses = 0  # windows whose median fell outside that bracket (one more pass; diagnostics)
         self.fallbacks = 0  # ... and outside a sampled one too (two more passes)
         self._gm = torch.zeros(13, dtype=torch.float64)
