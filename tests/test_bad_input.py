@@ -377,8 +377,8 @@ CASES: list[Case] = [
     ("table3-matrix", (TINY, "experiment=table3", "experiment.matrices=[wq]"), {}, "experiment.matrices"),
     ("table3-down", (TINY, "experiment=table3", "experiment.matrices=[down]"), {}, "experiment.matrices"),
     ("fig9-norm", ("model=tiny-gpt2", "experiment=fig9", "experiment.norm=mlp_post"), {}, "experiment.norm"),
-    ("rotation-gpt2", ("model=tiny-gpt2", "experiment=quant", "method=rotation"), {}, "method.name"),
-    ("rotation-gemma3", ("model=tiny-gemma3", "experiment=quant", "method=rotation"), {}, "method.name"),
+    ("rotation-parallel", ("model=tiny-gpt-neox", "experiment=quant", "method=rotation"), {}, "method.name"),
+    ("rotation-moe", ("model=tiny-qwen3-moe", "experiment=quant", "method=rotation"), {}, "method.name"),
     (
         "gamma-smooth-norm",
         (TINY, "experiment=quant", "method=gamma_smooth", "method.norm=ffn"),

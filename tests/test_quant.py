@@ -344,8 +344,9 @@ def test_rotation_is_an_equivalence_and_restores_bit_exactly(
     assert torch.equal(logits(lm, ids), ref)
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-gpt-neox", "tiny-qwen3-moe"])
 def test_rotation_refuses_other_architectures(model_cache: Path, name: str) -> None:
+    """Parallel blocks and fused experts are not rotated yet (GPT-2 and Gemma3: tests/test_rotation.py)."""
     lm = load_named(name, model_cache)
     cfg = typed_cfg("experiment=quant", "method=rotation", f"model={name}")
     rotation = METHODS.get("rotation")
@@ -511,8 +512,9 @@ def test_quant_experiment_writes_its_results(tmp_path: Path) -> None:
             "method=smoothquant",
         ),
         ("model=tiny-gemma3", "quant=w8a8", "quant.w_group_size=16", "method=massive_y6"),
+        ("model=tiny-gemma3", "quant=w4a4", "quant.kv_bits=4", "method=rotation"),
     ],
-    ids=["gpt2-smoothquant-kv4", "gemma3-massive-grouped"],
+    ids=["gpt2-smoothquant-kv4", "gemma3-massive-grouped", "gemma3-rotation-kv4"],
 )
 def test_quant_experiment_runs_on_other_architectures(tmp_path: Path, overrides: tuple[str, ...]) -> None:
     job, metrics = _job(tmp_path, *overrides)
@@ -571,10 +573,10 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_bad_quant_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     """As a user sees it (the other bad inputs are checked in-process above, the CLI path is shared)."""
-    out = cli(tmp_path, "experiment=quant", "model=tiny-gpt2", "method=rotation", "dataset.seq_len=32")
+    out = cli(tmp_path, "experiment=quant", "model=tiny-gpt-neox", "method=rotation", "dataset.seq_len=32")
     assert out.returncode == 2, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    expected = "error: method.name: rotation does not apply to gpt2 models: its LayerNorm subtracts the mean"
+    expected = "error: method.name: rotation does not apply to gpt_neox models: its attention and MLP run in"
     assert len(lines) == 1 and lines[0].startswith(expected), out.stderr
     allowed = lines[0].rsplit("(allowed: ", 1)[1]
     assert "smoothquant" in allowed and "rotation" not in allowed

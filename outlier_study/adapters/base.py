@@ -267,16 +267,6 @@ class Adapter:
         """The MLP's output projection (its input is the tap mlp.hidden)."""
         return self.weights["down"].module
 
-    @property
-    def kv(self) -> tuple[str, ...]:
-        """Projections producing keys and values; a fused one (GPT-2) holds q, k, v as thirds."""
-        return self.modules_of(("k", "v"))
-
-    @property
-    def kv_fused(self) -> bool:
-        """Keys and values share one projection with the queries (their rows start at k's start)."""
-        return self.weights["k"].module == self.weights["q"].module
-
     def readers(self) -> dict[str, tuple[str, ...]]:
         """norm key -> module paths of the linears reading its output (norms that feed linears only)."""
         return {key: self.modules_of(spec.readers) for key, spec in self.norms.items() if spec.readers}

@@ -301,7 +301,7 @@ def derive(model_type: str, config: Any, model: nn.Module, n_layers: int) -> Ada
         output_scale=next((n for n in OUTPUT_SCALES if n in lay.buffers), ""),
         moe=moe,
         moe_taps=_moe_taps(next(iter(moe.values())), taps) if moe and dense_layers else {},
-        rotation_blocker=_rotation_blocker(lay, norms, parallel, weights, moe),
+        rotation_blocker=_rotation_blocker(lay, norms, parallel, weights, taps, moe),
         absent=_absent(model_type, taps, weights, parallel),
     )
 
@@ -356,18 +356,26 @@ def _final_norm(model: nn.Module, layers_path: str) -> str:
 
 
 def _rotation_blocker(
-    lay: _Layer, norms: dict[str, str | None], parallel: bool, weights: dict[str, WeightSpec], moe: dict
+    lay: _Layer,
+    norms: dict[str, str | None],
+    parallel: bool,
+    weights: dict[str, WeightSpec],
+    taps: dict[str, TapSpec],
+    moe: dict,
 ) -> str | None:
-    """Why the exact rotation fold does not apply to this family (None: it does)."""
+    """Why the exact rotation (quant/rotation.py) does not apply to this family (None: it does)."""
     if moe:
         return "its experts are fused 3-D parameters the rotation does not rotate yet"
-    if norms["attn_post"] or norms["mlp_post"]:
-        return "its post-sublayer norms sit on the residual branches, so γ cannot be folded into readers"
     if not norms["attn"] or not norms["mlp"] and not parallel:
         return "a sublayer reads the residual stream without a norm"
+    if parallel:
+        return "its attention and MLP run in parallel, which the rotation does not fold yet"
+    if "v" not in weights:
+        return "its values are no block of projection rows (interleaved or latent), so R2 has nothing to fold"
+    if "ple.out" in taps:
+        return "its per-layer input branch writes into the residual stream unrotated"
     pre = [lay.modules[n] for n in (norms["attn"], norms["mlp"]) if n]
-    if any(standardizer(m) is layer_standardize for m in pre):
-        return "its LayerNorm subtracts the mean, which does not commute with a rotation"
-    if "qkv" in weights or "kv_a" in weights or parallel:
-        return "its fused or latent projections are not rotated yet"
+    layernorm = any(standardizer(m) is layer_standardize for m in pre)
+    if layernorm and (norms["attn_post"] or norms["mlp_post"]):
+        return "its post-sublayer norms would leave the stream off mean zero, which its LayerNorms need"
     return None

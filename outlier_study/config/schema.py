@@ -94,7 +94,7 @@ class QuantConfig:
         16, "inputs of every decoder linear, dynamic symmetric (16 = not quantized)", ge=2, le=16
     )
     kv_bits: int = opt(
-        16, "key/value projection outputs, per token and head (16 = not quantized)", ge=2, le=16
+        16, "keys (after RoPE) and values, per token and head (16 = not quantized)", ge=2, le=16
     )
     w_group_size: int | None = opt(
         None, "null: one weight scale per output channel; else input columns per scale", gt=0

@@ -3,7 +3,8 @@
 Weights: one scale per output channel (or per group of `w_group_size` input columns), computed once when
 the context is entered. Activations: dynamic, one scale per token or per tensor, at the input of every
 linear inside the decoder layers (GPT-2's `Conv1D` included; the lm_head stays in full precision, as is
-usual). Keys and values (the k/v projection outputs, before RoPE) optionally, one scale per token and head.
+usual). Keys and values optionally, as the attention function receives them (keys after RoPE: what a KV
+cache holds), one scale per token and head.
 
 The scale is max|x| / (2^(b-1) - 1) of its group, so x / scale already lies in [-qmax, qmax] and no clamp
 is needed: the whole quantizer is one max, one divide, an in-place round and an in-place multiply. The
@@ -23,6 +24,7 @@ from torch import nn
 
 from outlier_study.adapters.linears import to_storage, weight_out_in
 from outlier_study.interventions.edits import reversible
+from outlier_study.quant.attention_inputs import QKV, AttentionTransform, attention_inputs
 
 if TYPE_CHECKING:
     from outlier_study.models.loader import LoadedModel
@@ -166,38 +168,28 @@ class ActivationQuantizer:
         self._last_in = self._last_out = None
 
 
-def head_dim(config: object) -> int:
-    """Per-head width of keys and values (KV quantization groups)."""
-    explicit = getattr(config, "head_dim", None)
-    if explicit:
-        return int(explicit)
-    return int(config.hidden_size) // int(config.num_attention_heads)  # type: ignore[attr-defined]
+def kv_quantizer(bits: int) -> AttentionTransform:
+    """Keys and values as the attention function receives them (keys after RoPE), one scale per token and
+    head (their last dimension)."""
 
+    def transform(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> QKV:
+        return q, quantize(k, bits), quantize(v, bits)
 
-def _kv_hook(bits: int, group: int, fused_width: int | None) -> Any:
-    """Quantize a k/v projection output per token and head; for a fused q/k/v projection (GPT-2's c_attn)
-    only the rows from k's start on."""
-
-    def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        if fused_width is None:
-            return quantize(output, bits, group_size=group)
-        q_part, kv_part = output[..., :fused_width], output[..., fused_width:]
-        return torch.cat((q_part, quantize(kv_part, bits, group_size=group)), dim=-1)
-
-    return hook
+    return transform
 
 
 @contextmanager
 def fake_quant(
     lm: LoadedModel, spec: QuantSpec, weights: Mapping[nn.Module, torch.Tensor] | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Quantize the decoder's linear weights and hook their inputs (and k/v outputs) for the block.
+    """Quantize the decoder's linear weights and hook their inputs (and keys/values) for the block.
 
     `weights` holds the (out, in) quantized weight of every decoder linear when a weight quantizer made
     them (quant/weights.py, e.g. GPTQ); without it the weights are rounded to nearest here. The weights
     get new (quantized) tensors and the original tensor objects come back on exit, so the
     restore is bit-exact, also when the body raises. Hooks are appended, so a method's pre-hooks registered
-    with prepend=True (MA removal, the online Hadamard) run before the activation quantizer."""
+    with prepend=True (MA removal, the online Hadamard) run before the activation quantizer, and a method's
+    attention transform (the rotation's online q/k Hadamard), entered first, runs before the KV quantizer."""
     model, adapter = lm.model, lm.adapter
     linears = adapter.linears(model)
     record: dict[str, Any] = {**spec.summary(), "quant.n_linears": len(linears)}
@@ -217,11 +209,5 @@ def fake_quant(
             for _, _, module in linears:
                 stack.callback(module.register_forward_pre_hook(quantizer).remove)
         if spec.kv_bits < OFF_BITS:
-            group = head_dim(model.config)
-            for block in adapter.blocks(model):
-                for path in adapter.kv:
-                    module = adapter.module(block, path)
-                    fused = adapter.weights["k"].start if adapter.kv_fused else None
-                    hook = _kv_hook(spec.kv_bits, group, fused)
-                    stack.callback(module.register_forward_hook(hook).remove)
+            stack.enter_context(attention_inputs(model, kv_quantizer(spec.kv_bits)))
         yield record

@@ -59,8 +59,8 @@ class SmoothQuantOptions:
 
 @dataclass
 class RotationOptions:
-    name: str = opt("rotation", "QuaRot-style rotation of the residual stream and before down_proj")
-    seed: int = opt(0, "seed of the random signs and of the small orthogonal factor")
+    name: str = opt("rotation", "QuaRot's rotations: residual, per head, queries/keys, before down_proj")
+    seed: int = opt(0, "seed of the random signs and small orthogonal factors (R1; R4, R2, R3: +1, +2, +3)")
 
 
 @dataclass
@@ -168,7 +168,8 @@ METHODS.add(
     Treatment(
         _rotation,
         RotationOptions,
-        "QuaRot-style randomized Hadamard rotation of the residual stream + online rotation before down_proj",
+        "QuaRot's randomized Hadamard rotations: residual stream and v/o per head folded, post-RoPE q/k "
+        "and the down_proj input online",
         _check_rotation,
     ),
 )
