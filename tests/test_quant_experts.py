@@ -16,10 +16,14 @@ import pytest
 import torch
 
 import outlier_study.quant.weights as weights_module
+from outlier_study.adapters import adapter_for_config
 from outlier_study.adapters.taps import split_expert
+from outlier_study.app import run
+from outlier_study.errors import ConfigError
 from outlier_study.measure.experts import capture_experts
 from outlier_study.models.loader import LoadedModel, load_model
-from outlier_study.quant.fake import QuantSpec, fake_quant, quantize_rows
+from outlier_study.models.tiny import tiny_config
+from outlier_study.quant.fake import QuantSpec, fake_quant, quantize, quantize_rows
 from outlier_study.quant.targets import quant_weights
 from outlier_study.quant.weights import WeightJob, quantize_weights
 from tests.helpers import assert_bit_exact, hook_count, make_cfg, snapshot
@@ -81,17 +85,6 @@ def levels(rows: torch.Tensor) -> int:
     )
 
 
-def on_grid(q: torch.Tensor, w: torch.Tensor, bits: int, group: int | None = None) -> None:
-    """q is w rounded to the symmetric b-bit grid of its row (or group): equal to RTN of w."""
-    assert torch.equal(q, quantize_rows(w, bits) if group is None else _grouped(w, bits, group))
-
-
-def _grouped(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    from outlier_study.quant.fake import quantize
-
-    return quantize(w, bits, group_size=group)
-
-
 # ------------------------------------------------------------------------------------------ weights
 
 
@@ -103,7 +96,11 @@ def test_rtn_quantizes_every_routed_expert_per_output_channel_and_no_router(
     before, router_before = snapshot(lm), routers(lm)
     experts = [t for t in quant_weights(lm.adapter, lm.model) if t.experts is not None]
     assert experts and {t.layer for t in experts} == set(lm.adapter.moe)
-    assert not any(path in router_before for path in (f"{t.layer}:{t.path}" for t in experts))
+    blocks = lm.adapter.blocks(lm.model)
+    live = {
+        id(lm.adapter.module(blocks[layer], s.router_weight).weight) for layer, s in lm.adapter.moe.items()
+    }
+    assert not any(id(t.param) in live for t in quant_weights(lm.adapter, lm.model))  # routers: not targets
     originals = {t.param: t.out_in().detach().clone() for t in experts}
     spec = QuantSpec(w_bits=4, w_group_size=16)
     with pytest.raises(RuntimeError, match="boom"), fake_quant(lm, spec) as record:
@@ -113,7 +110,7 @@ def test_rtn_quantizes_every_routed_expert_per_output_channel_and_no_router(
             assert q.dim() == 3 and q.shape[0] == t.experts.num_experts  # type: ignore[union-attr]
             for e in range(q.shape[0]):  # each expert's own rows and groups: RTN of that expert's slice
                 assert not torch.equal(q[e], w[e])
-                on_grid(q[e], w[e], 4, 16)
+                assert torch.equal(q[e], quantize(w[e], 4, group_size=16))  # RTN of this expert alone
                 assert levels(q[e].reshape(q.shape[1], -1, 16)) <= 2**4 - 1
         assert all(torch.equal(routers(lm)[k], v) for k, v in router_before.items())
         raise RuntimeError("boom")
@@ -242,24 +239,19 @@ def _quant_job(tmp_path: Path, family: str, *overrides: str) -> dict[str, Any]:
 
 
 def run_job(cfg: Any, folder: Path) -> Path:
-    from outlier_study.app import run
-
     return run(cfg, job_dir=folder)
 
 
-def _expected_experts(family: str, model_cache: Path) -> int:
-    from outlier_study.adapters import adapter_for_config
-    from outlier_study.models.tiny import tiny_config
-
+def _expected_experts(family: str) -> int:
     return sum(s.num_experts for s in adapter_for_config(tiny_config(family)).moe.values())
 
 
 @pytest.mark.parametrize("family", sorted(recorded_covered()))
-def test_quant_rtn_runs_on_every_covered_family(tmp_path: Path, model_cache: Path, family: str) -> None:
+def test_quant_rtn_runs_on_every_covered_family(tmp_path: Path, family: str) -> None:
     metrics = _quant_job(tmp_path, family, "quant=w4a8", "method=none", "experiment.diag_windows=1")
     assert math.isfinite(metrics["ppl"]) and metrics["ppl"] > 1
     assert metrics["quant.label"] == "W4A8" and metrics["quant.n_linears"] > 0
-    assert metrics["quant.n_routed_experts"] == _expected_experts(family, model_cache)
+    assert metrics["quant.n_routed_experts"] == _expected_experts(family)
     assert 0 < metrics["quant_error.mean"] < 1
 
 
@@ -267,7 +259,7 @@ GPTQ_FAMILIES = ("llama", "gpt2", "gemma3_text", "qwen3_moe", "deepseek_v3")
 
 
 @pytest.mark.parametrize("family", GPTQ_FAMILIES)
-def test_quant_gptq_runs_on_a_subset(tmp_path: Path, model_cache: Path, family: str) -> None:
+def test_quant_gptq_runs_on_a_subset(tmp_path: Path, family: str) -> None:
     metrics = _quant_job(
         tmp_path,
         family,
@@ -278,5 +270,18 @@ def test_quant_gptq_runs_on_a_subset(tmp_path: Path, model_cache: Path, family: 
         "experiment.diag_windows=1",
     )
     assert math.isfinite(metrics["ppl"]) and metrics["quant.label"] == "W4A16-GPTQ"
-    assert metrics["quant.n_routed_experts"] == _expected_experts(family, model_cache)
+    assert metrics["quant.n_routed_experts"] == _expected_experts(family)
     assert metrics["quant.gptq.damp_raised"] == [] and isinstance(metrics["quant.gptq.rtn_fallback"], list)
+
+
+@pytest.mark.parametrize(
+    ("family", "why"), [("deepseek_v3", "latent attention"), ("gpt_neox", "interleaved")]
+)
+def test_kv_quant_is_refused_where_keys_and_values_have_no_projection_of_their_own(
+    tmp_path: Path, family: str, why: str
+) -> None:
+    cfg = make_cfg("experiment=quant", *family_overrides(family), *SMALL, "quant=w8a8", "quant.kv_bits=8")
+    with pytest.raises(ConfigError) as err:
+        run_job(cfg, tmp_path / family)
+    assert err.value.field == "quant.kv_bits" and why in str(err.value) and "(allowed: 16)" in str(err.value)
+    assert "\n" not in str(err.value) and not (tmp_path / family / "metrics.json").exists()

@@ -183,7 +183,8 @@ def quant_error_figure(
             clip_on=False,
             label=label,
         )
-    if any(v > 0 for by_layer in series.values() for v in by_layer.values()):  # all zero (16 bits): keep a linear axis
+    # all zero (16 bits): keep a linear axis
+    if any(v > 0 for by_layer in series.values() for v in by_layer.values()):
         ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
