@@ -28,6 +28,7 @@ from outlier_study.quant.fake import QuantSpec, fake_quant, qmax, quantize, snap
 from outlier_study.quant.gptq import GPTQSettings, gptq_quantize
 from outlier_study.quant.layerwise import capture_layer_calls, hessians, run_layer
 from outlier_study.quant.methods import METHODS
+from outlier_study.quant.targets import quant_weights
 from outlier_study.quant.weights import WeightJob, quantize_weights
 from tests.helpers import config_error, load_named, make_cfg, snapshot, typed_cfg
 
@@ -165,25 +166,28 @@ def _job(lm: LoadedModel, spec: QuantSpec, calib: torch.Tensor, **gptq: Any) -> 
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-deepseek-v3", "tiny-qwen3-moe", "tiny-gemma3"])
-def test_gptq_quantizes_exactly_the_linears_rtn_quantizes(
-    model_cache: Path, calib: torch.Tensor, name: str
-) -> None:
-    """Every decoder linear (GPT-2's Conv1D, shared experts) and nothing else: the router stays in full
-    precision; the model comes back as it was."""
+def test_gptq_quantizes_exactly_what_rtn_quantizes(model_cache: Path, calib: torch.Tensor, name: str) -> None:
+    """Every decoder linear (GPT-2's Conv1D, shared experts) and every routed experts parameter, nothing
+    else: the router stays in full precision; the model comes back as it was."""
     lm = load_named(name, model_cache)
     before = snapshot(lm)
     spec = QuantSpec(w_bits=4, w_group_size=16, weights="gptq")
     gptq, record = quantize_weights(_job(lm, spec, calib))
     rtn, _ = quantize_weights(WeightJob(lm, QuantSpec(w_bits=4, w_group_size=16)))
     assert gptq is not None and rtn is not None and set(gptq) == set(rtn)
-    assert {id(m) for m in gptq} == {id(m) for _, _, m in lm.adapter.linears(lm.model)}
+    targets = quant_weights(lm.adapter, lm.model)
+    assert set(gptq) == {t.param for t in targets}
+    assert {t.param for t in targets if t.experts is None} == {
+        m.weight for _, _, m in lm.adapter.linears(lm.model)
+    }
+    assert sum(t.experts is not None for t in targets) == 2 * len(lm.adapter.moe)
     for block in lm.adapter.blocks(lm.model):
         moe = find_moe(block)
         if moe is not None:
             router = lm.adapter.module(block, moe.router_weight)
-            assert router not in gptq
-    for module, q in gptq.items():
-        _on_grid(q, weight_out_in(module).detach(), 4, 16)
+            assert router.weight not in gptq
+    for t in targets:
+        _on_grid(gptq[t.param], t.out_in().detach(), 4, 16)
     assert record["quant.gptq.rtn_fallback"] == [] and record["quant.gptq.damp_raised"] == []
     after = lm.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
@@ -229,7 +233,7 @@ def test_gptq_calibrates_each_layer_on_what_the_quantized_model_feeds_it(
         groups_per_layer = len(seen) // lm.n_layers
         with reversible() as edits:
             for module in layer0:
-                edits.set_data(module.weight, gptq[module])
+                edits.set_data(module.weight, gptq[module.weight])
             with hessians(layer1) as log, torch.inference_mode():
                 for batch in calib.split(2):
                     lm.model(input_ids=batch, use_cache=False)
@@ -256,7 +260,7 @@ def test_method_then_gptq_then_fake_quant_restores_bit_exactly(
             gptq, _ = quantize_weights(_job(lm, spec, calib))
             with fake_quant(lm, spec, gptq):
                 lin = lm.adapter.linears(lm.model)[0][2]
-                assert torch.equal(weight_out_in(lin), gptq[lin])
+                assert torch.equal(weight_out_in(lin), gptq[lin.weight])
                 raise RuntimeError("boom")
     after = lm.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())

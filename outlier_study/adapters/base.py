@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from outlier_study.adapters.experts import MATRICES as EXPERT_MATRICES
-from outlier_study.adapters.experts import expert_weight_view, find_moe
+from outlier_study.adapters.experts import expert_weight_view, find_moe, router_paths
 from outlier_study.adapters.linears import LinearLike, is_linear, weight_out_in
 from outlier_study.adapters.taps import ATTENTION_TAPS, CANONICAL_TAPS, PAPER_ALIASES, SYNONYMS
 from outlier_study.errors import ConfigError, require
@@ -199,11 +199,25 @@ class Adapter:
         return model.get_submodule(self.final_norm)
 
     def linears(self, model: nn.Module) -> list[tuple[int, str, LinearLike]]:
-        """(layer, path inside the layer, module) of every linear inside the decoder layers, module order."""
+        """(layer, path inside the layer, module) of every linear inside the decoder layers, module order;
+        MoE routers (an `nn.Linear` in some families) are left out: they stay in full precision."""
         out: list[tuple[int, str, LinearLike]] = []
         for layer, block in enumerate(self.blocks(model)):
-            out.extend((layer, name, m) for name, m in block.named_modules() if is_linear(m))  # type: ignore[misc]
+            routers = router_paths(self.moe[layer]) if layer in self.moe else frozenset()
+            out.extend(
+                (layer, name, m)  # type: ignore[misc]
+                for name, m in block.named_modules()
+                if is_linear(m) and name not in routers
+            )
         return out
+
+    def experts(self, model: nn.Module) -> list[tuple[int, str, nn.Module, Any]]:
+        """(layer, path inside the layer, module, MoESpec) of every fused routed-experts module."""
+        blocks = self.blocks(model)
+        return [
+            (layer, spec.experts, self.module(blocks[layer], spec.experts), spec)
+            for layer, spec in sorted(self.moe.items())
+        ]
 
     # ---------------------------------------------------------------- norms and weights
 

@@ -205,6 +205,20 @@ def moe_specs(blocks: nn.ModuleList | list[nn.Module], layers: list[int] | None 
     return {layer: spec for layer in chosen if (spec := find_moe(blocks[layer])) is not None}
 
 
+def expert_params(spec: MoESpec) -> tuple[str, str]:
+    """The 3-D parameters holding the routed experts' matrices, in the order they run: (gate_)up, then
+    down. Each row of an expert's (out, in) slice is one output channel, whether gate and up rows are
+    concatenated or interleaved, so a per-row rule needs nothing else of the layout."""
+    return ("gate_up_proj" if spec.has_gate else "up_proj", "down_proj")
+
+
+def router_paths(spec: MoESpec) -> frozenset[str]:
+    """Modules of a MoE block that only route (the router, its weight's holder, the shared experts' gate):
+    they stay in full precision."""
+    gated = () if spec.shared is None or spec.shared.gated_by is None else (spec.shared.gated_by,)
+    return frozenset((spec.router, spec.router_weight, *gated))
+
+
 def _module(layer: nn.Module, path: str) -> nn.Module:
     return layer.get_submodule(path) if path else layer
 

@@ -182,12 +182,11 @@ def _error_figure(
     short = {path: path.rsplit(".", 1)[-1] for path in paths}
     if len(set(short.values())) < len(paths):
         short = {path: path for path in paths}
-    by_linear: dict[str, list[float]] = defaultdict(list)
-    for (_, path), err in errors.items():
-        by_linear[short[path]].append(err)
+    by_linear: dict[str, dict[int, float]] = defaultdict(dict)
+    for (layer, path), err in errors.items():
+        by_linear[short[path]][layer] = err
     ma_layers = sorted({layer for (layer, _), s in before.stats.items() if s.ma_count > 0})
     fig = quant_error_figure(
-        sorted({layer for layer, _ in errors}),
         dict(by_linear),
         {
             "massive activations (original model)": ma_layers,
@@ -227,7 +226,7 @@ def run(ctx: Context) -> dict[str, Any]:
         # the weight quantizer sees the weights (and runs the hooks) the method left
         job = WeightJob(lm, spec, cfg.quant.gptq, calib.weights, batch_size, progress)
         weights, weight_record = quantize_weights(job)
-        with fake_quant(lm, spec, weights):
+        with fake_quant(lm, spec, weights) as installed:
             desc = f"perplexity ({method_name}, {spec.label})"
             result = evaluate_perplexity(lm, ctx.windows.input_ids, batch_size, progress, desc)
             # the counts of the perplexity windows, before zero-shot and the diagnostics add to them
@@ -265,7 +264,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "dataset": str(cfg.dataset.name),
         "dataset.seq_len": int(cfg.dataset.seq_len),
         "dataset.n_windows": int(cfg.dataset.n_windows),
-        **spec.summary(),
+        **installed,
         **weight_record,
         "method": method_name,
         **method_summary,

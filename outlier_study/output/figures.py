@@ -151,22 +151,21 @@ def co_counts_figure(
 
 
 def quant_error_figure(
-    layers: Sequence[int],
-    series: Mapping[str, Sequence[float]],
+    series: Mapping[str, Mapping[int, float]],
     marks: Mapping[str, Sequence[int]],
     title: str,
 ) -> Figure:
-    """Relative quantization error ‖Q(X)Q(W) − XW‖/‖XW‖ per layer, one line per linear, log y axis.
+    """Relative quantization error ‖Q(X)Q(W) − XW‖/‖XW‖ per layer, one line per linear over the layers
+    that have it (a dense MLP and a MoE block's experts may alternate), log y axis.
 
     marks: label -> layers to flag (e.g. the layers holding massive activations), drawn as triangles on top.
     """
     fig = Figure(figsize=(8, 4.2), dpi=100)
     ax = fig.add_subplot()
     markers = ("o", "s", "^", "v", "D", "P", "X")
-    for i, (name, values) in enumerate(series.items()):
-        ax.plot(
-            layers, np.asarray(values, dtype=float), marker=markers[i % len(markers)], ms=3, lw=1, label=name
-        )
+    for i, (name, by_layer) in enumerate(series.items()):
+        values = np.asarray(list(by_layer.values()), dtype=float)
+        ax.plot(list(by_layer), values, marker=markers[i % len(markers)], ms=3, lw=1, label=name)
     # One row of triangles per mark set above the plot area: CO sites can be in nearly every layer, and
     # full-height lines there would hide the error curves.
     colors = ("tab:red", "tab:purple", "tab:brown")
@@ -184,7 +183,8 @@ def quant_error_figure(
             clip_on=False,
             label=label,
         )
-    if any(v > 0 for values in series.values() for v in values):  # all zero (16 bits): keep a linear axis
+    # all zero (16 bits): keep a linear axis
+    if any(v > 0 for by_layer in series.values() for v in by_layer.values()):
         ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

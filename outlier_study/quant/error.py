@@ -60,7 +60,7 @@ def _hook(key: tuple[int, str], spec: QuantSpec, log: ErrorLog, qw: torch.Tensor
 
 @contextmanager
 def quant_error(
-    lm: LoadedModel, spec: QuantSpec, weights: Mapping[nn.Module, torch.Tensor] | None = None
+    lm: LoadedModel, spec: QuantSpec, weights: Mapping[nn.Parameter, torch.Tensor] | None = None
 ) -> Iterator[ErrorLog]:
     """Hook every decoder linear for the block and stream its relative error under `spec` (weights and
     activations; KV quantization is not a linear's error). With 16/16 bits nothing is hooked: error 0.
@@ -71,7 +71,7 @@ def quant_error(
     with ExitStack() as stack:
         if spec.w_bits < OFF_BITS or spec.a_bits < OFF_BITS:
             for layer, path, module in linears:
-                qw = None if weights is None else weights[module]
+                qw = None if weights is None else weights[module.weight]
                 handle = module.register_forward_hook(_hook((layer, path), spec, log, qw))
                 stack.callback(handle.remove)
         else:

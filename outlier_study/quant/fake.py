@@ -16,15 +16,17 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from outlier_study.adapters.linears import to_storage, weight_out_in
 from outlier_study.interventions.edits import reversible
 from outlier_study.quant.attention_inputs import QKV, AttentionTransform, attention_inputs
+from outlier_study.quant.experts import expert_activations
+from outlier_study.quant.targets import QuantWeight, quant_weights
 
 if TYPE_CHECKING:
     from outlier_study.models.loader import LoadedModel
@@ -82,6 +84,18 @@ def quantize(
     groups = padded.reshape(*padded.shape[:-1], -1, group_size)
     out = _round_to_grid(groups, groups.abs().amax(dim=-1, keepdim=True), bits).reshape(padded.shape)
     return out[..., :width] if pad else out
+
+
+def quantize_rows(x: torch.Tensor, bits: int, window: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of x (n, C) fake-quantized: one scale per row (per token), or with `window` (n,) one per window
+    (the rows of one sequence, as `per_sample` gives a (B, T, C) tensor): the rule for activations that
+    arrive as flat token rows, e.g. the tokens routed to one expert."""
+    if bits >= OFF_BITS or window is None:
+        return quantize(x, bits)
+    row_max = x.abs().amax(dim=-1)
+    amax = row_max.new_zeros(int(window.max()) + 1 if window.numel() else 0)
+    amax = amax.scatter_reduce(0, window, row_max, "amax")
+    return _round_to_grid(x, amax[window, None], bits)
 
 
 def weight_scale(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
@@ -178,36 +192,46 @@ def kv_quantizer(bits: int) -> AttentionTransform:
     return transform
 
 
+def rtn(target: QuantWeight, spec: QuantSpec) -> torch.Tensor:
+    """A weight rounded to nearest, (out, in) or (E, out, in): one step per output channel (of every
+    expert) or per group of `w_group_size` input columns."""
+    return quantize(target.out_in().detach(), spec.w_bits, group_size=spec.w_group_size)
+
+
 @contextmanager
 def fake_quant(
-    lm: LoadedModel, spec: QuantSpec, weights: Mapping[nn.Module, torch.Tensor] | None = None
+    lm: LoadedModel, spec: QuantSpec, weights: Mapping[nn.Parameter, torch.Tensor] | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Quantize the decoder's linear weights and hook their inputs (and keys/values) for the block.
+    """Quantize the decoder's weights (linears and routed experts), their inputs and the attention's keys
+    and values for the block; MoE routers stay in full precision.
 
-    `weights` holds the (out, in) quantized weight of every decoder linear when a weight quantizer made
-    them (quant/weights.py, e.g. GPTQ); without it the weights are rounded to nearest here. The weights
-    get new (quantized) tensors and the original tensor objects come back on exit, so the
+    `weights` holds, by parameter, the quantized `out_in` weight of every target (`targets.py`) when a
+    weight quantizer made them (quant/weights.py, e.g. GPTQ); without it the weights are rounded to nearest
+    here. The weights get new (quantized) tensors and the original tensor objects come back on exit, so the
     restore is bit-exact, also when the body raises. Hooks are appended, so a method's pre-hooks registered
     with prepend=True (MA removal, the online Hadamard) run before the activation quantizer, and a method's
-    attention transform (the rotation's online q/k Hadamard), entered first, runs before the KV quantizer."""
+    attention transform (the rotation's online q/k Hadamard), entered first, runs before the KV quantizer;
+    the experts' activations are quantized through the experts interface (`experts.py`)."""
     model, adapter = lm.model, lm.adapter
     linears = adapter.linears(model)
-    record: dict[str, Any] = {**spec.summary(), "quant.n_linears": len(linears)}
+    record: dict[str, Any] = {
+        **spec.summary(),
+        "quant.n_linears": len(linears),
+        "quant.n_routed_experts": sum(s.num_experts for *_, s in adapter.experts(model)),
+    }
     with reversible() as edits, ExitStack() as stack:
         if spec.w_bits < OFF_BITS:
             with torch.no_grad():
-                for _, _, module in linears:
-                    w = weights[module] if weights is not None else None
-                    if w is None:
-                        w = quantize(
-                            weight_out_in(module).detach(), spec.w_bits, group_size=spec.w_group_size
-                        )
-                    edits.set_data(module.weight, to_storage(module, w))
+                for target in quant_weights(adapter, model):
+                    w = rtn(target, spec) if weights is None else weights[target.param]
+                    edits.set_data(target.param, target.storage(w))
         if spec.a_bits < OFF_BITS:
             quantizer = ActivationQuantizer(spec.a_bits, spec.a_granularity)
             stack.callback(quantizer.clear)
             for _, _, module in linears:
                 stack.callback(module.register_forward_pre_hook(quantizer).remove)
+            rows = partial(quantize_rows, bits=spec.a_bits)  # called as rows(x, window=...)
+            stack.enter_context(expert_activations(lm, rows, per_window=spec.a_granularity == "tensor"))
         if spec.kv_bits < OFF_BITS:
             stack.enter_context(attention_inputs(model, kv_quantizer(spec.kv_bits)))
         yield record

@@ -86,13 +86,33 @@ def run_layer(block: nn.Module, hidden: torch.Tensor, call: Call) -> torch.Tenso
     return out[0] if isinstance(out, tuple) else out
 
 
+class Grams:
+    """Σ xᵀx (float64) and the token count per key, over every token row x fed: the Hessian
+    H = 2 XᵀX / n of what one weight read, the same sum for a linear and for one expert."""
+
+    def __init__(self) -> None:
+        self.sums: dict[Any, torch.Tensor] = {}
+        self.tokens: dict[Any, int] = {}
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.sums
+
+    def add(self, key: Any, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        gram = (flat.t() @ flat).double()
+        self.sums[key] = self.sums[key] + gram if key in self.sums else gram
+        self.tokens[key] = self.tokens.get(key, 0) + flat.shape[0]
+
+    def hessian(self, key: Any) -> torch.Tensor:
+        return self.sums[key] * (2.0 / self.tokens[key])
+
+
 class HessianLog:
     """Σ xᵀx and the token count of every hooked linear's input; linears that read the same tensor object
     (q/k/v, gate/up) share one sum, so it is computed once."""
 
     def __init__(self) -> None:
-        self.sums: dict[nn.Module, torch.Tensor] = {}
-        self.tokens: dict[nn.Module, int] = {}
+        self.grams = Grams()
         self.shared: dict[nn.Module, nn.Module] = {}  # linear -> the first linear that read its input
         self._last: tuple[torch.Tensor, nn.Module] | None = None
 
@@ -104,15 +124,11 @@ class HessianLog:
         if owner is not module:
             return
         self._last = (x, module)
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
-        gram = (flat.t() @ flat).double()
-        self.sums[owner] = self.sums[owner] + gram if owner in self.sums else gram
-        self.tokens[owner] = self.tokens.get(owner, 0) + flat.shape[0]
+        self.grams.add(owner, x)
 
     def hessian(self, module: nn.Module) -> torch.Tensor:
         """H = 2 XᵀX / n of this linear's inputs (float64)."""
-        owner = self.shared[module]
-        return self.sums[owner] * (2.0 / self.tokens[owner])
+        return self.grams.hessian(self.shared[module])
 
     def groups(self) -> list[list[nn.Module]]:
         """The hooked linears grouped by shared input, in the order they first ran."""

@@ -90,19 +90,11 @@ def _apply_edit(edit: _Edit, site: Site, routed: Routed, out: torch.Tensor) -> t
         if not count:
             continue
         if edit.tap == "mlp.hidden":
-            new_out = routed.down(e, new)
-            if routed.spec.has_post_expert_norm:
-                delta = routed.post(new_out) - routed.post(taps["mlp.out"])
-            else:
-                delta = routed.down(e, new - old, bias=False)
-            taps["mlp.hidden"], taps["mlp.out"] = new, new_out
+            delta = routed.replace_hidden(e, new)
         else:
             delta = routed.post(new) - routed.post(old)
             taps["mlp.out"] = new
-        rows = changed.nonzero(as_tuple=True)[0]
-        weights = routed.out_weights(e)
-        contribution = delta[rows] if weights is None else delta[rows] * weights[rows, None].to(delta.dtype)
-        out = out.index_add(0, routed.out_rows(e, tok[rows]), contribution.to(out.dtype))
+        out = routed.add_rows(out, e, changed.nonzero(as_tuple=True)[0], delta)
     return out
 
 

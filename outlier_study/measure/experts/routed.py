@@ -185,6 +185,27 @@ class Routed:
         """What the routing weight multiplies: the expert output after its post-expert norm, if any."""
         return self.module.post_expert_norm(out) if self.spec.has_post_expert_norm else out
 
+    def replace_hidden(self, e: int, new: torch.Tensor) -> torch.Tensor:
+        """Expert e's down_proj input becomes `new` (its routed rows; its taps follow). Returns, per row, how
+        much what the routing weight multiplies moves: down(new) − down(old), bias-free without a post
+        norm."""
+        taps = self.taps(e)
+        new_out = self.down(e, new)
+        if self.spec.has_post_expert_norm:
+            delta = self.post(new_out) - self.post(taps["mlp.out"])
+        else:
+            delta = self.down(e, new - taps["mlp.hidden"], bias=False)
+        taps["mlp.hidden"], taps["mlp.out"] = new, new_out
+        return delta
+
+    def add_rows(self, out: torch.Tensor, e: int, rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The experts' output with `delta` (rows of expert e's routed pairs) added at `rows` of those pairs,
+        weighted as the experts weigh that expert's output."""
+        tok = self.rows(e)[0]
+        weights = self.out_weights(e)
+        contribution = delta[rows] if weights is None else delta[rows] * weights[rows, None].to(delta.dtype)
+        return out.index_add(0, self.out_rows(e, tok[rows]), contribution.to(out.dtype))
+
     def taps(self, e: int) -> dict[str, torch.Tensor]:
         if e in self._taps:
             return self._taps[e]
