@@ -533,7 +533,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--reducer", choices=[k.value for k in ReducerKind], default="auto", help="config reducer")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="alternating timed repetitions (median)")
     p.add_argument("--out", type=Path, default=REPO / "outputs/bench/bench.json")
     modes = ["bench", "plain", "full", *EXECUTIONS]
     p.add_argument("--mode", choices=modes, default="bench", help=argparse.SUPPRESS)
