@@ -138,7 +138,6 @@ struct Lane {
   std::vector<uint32_t> hist;     // fallback histogram of the top 16 key bits
   int64_t n_nan = 0, n_inf = 0;   // this update
   int64_t n_good = 0, n_below = 0, n_ma = 0, n_hits = 0;  // this window
-  int64_t n_wide = 0;             // valid finite keys above kWide (the main pass; only compared)
   bool wide_shift = false;        // a shift above kWide: this update's moment sums go float64
 };
 
@@ -214,8 +213,7 @@ OS_INLINE void row_keys(const Ctx<In, W>& cx, Lane<W>& L, const W* __restrict__ 
   constexpr Key kInf = Bits<W>::kInf;
   const Key below_key = cx.below, ma_lo = cx.ma_lo, ma_span = cx.ma_span;
   SKey* __restrict__ cm = L.colmax.data() + c0;
-  const Key wide_key = cx.wide;
-  Key valid = 0, good = 0, below = 0, ma = 0, wide = 0;
+  Key valid = 0, good = 0, below = 0, ma = 0;
   for (int64_t c = 0; c < nc; ++c) {
     const Key a = key_of(v[c]);
     const Key ok = kMask ? static_cast<Key>(m[c] != 0) : Key(1);
@@ -226,7 +224,6 @@ OS_INLINE void row_keys(const Ctx<In, W>& cx, Lane<W>& L, const W* __restrict__ 
       good += static_cast<Key>(kc != kInf);
       below += static_cast<Key>(kc < below_key);
       ma += static_cast<Key>(static_cast<Key>(kc - ma_lo) < ma_span);
-      wide += static_cast<Key>(kc > wide_key) & static_cast<Key>(kc != kInf);
       const SKey s = static_cast<SKey>(kc) | -static_cast<SKey>(kc == kInf);  // kInf -> -1: no element
       cm[c] = std::max(cm[c], s);
     }
@@ -235,7 +232,6 @@ OS_INLINE void row_keys(const Ctx<In, W>& cx, Lane<W>& L, const W* __restrict__ 
     L.n_good += static_cast<int64_t>(good);
     L.n_below += static_cast<int64_t>(below);
     L.n_ma += static_cast<int64_t>(ma);
-    L.n_wide += static_cast<int64_t>(wide);
     if (valid != good) {  // non-finite valid entries in this row
       Key nan = 0;
       for (int64_t c = 0; c < nc; ++c) {
@@ -371,6 +367,20 @@ OS_INLINE void block_sums(const W* const* rows, const typename Bits<W>::Key* __r
   }
 }
 
+// Whether a block holds a valid finite |a| above kWide.
+template <typename In, typename W>
+OS_INLINE bool any_wide(const Ctx<In, W>& cx, const typename Bits<W>::Key* keys, int nr, int64_t nc) {
+  using Key = typename Bits<W>::Key;
+  Key n = 0;
+  for (int r = 0; r < nr; ++r) {
+    for (int64_t c = 0; c < nc; ++c) {
+      const Key k = keys[r * kTile + c];
+      n += static_cast<Key>(k > cx.wide) & static_cast<Key>(k != Bits<W>::kInf);
+    }
+  }
+  return n != 0;
+}
+
 // Moves a lane's partial sums into its float64 sums.
 template <typename W>
 OS_INLINE void flush_sums(Lane<W>& L) {
@@ -390,7 +400,10 @@ OS_INLINE void main_pass(const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t0
   const int64_t C = cx.C;
   double* acc = L.acc.data();
   W* part = L.part.data();
-  int64_t wide_seen = L.n_wide, rows_since_flush = 0;
+  // A block can hold |a| > kWide only if it holds keys above floor(ma_abs) (counted anyway) when that
+  // floor is below kWide; only such blocks are scanned for them.
+  const bool ma_covers_wide = cx.ma_lo <= cx.wide;
+  int64_t ma_seen = L.n_ma, rows_since_flush = 0;
   for_blocks<In, W, kMask, true>(cx, L, b, t0, t1, [&](const W* const* rows, const Key* keys, int nr,
                                                        int64_t c0, int64_t nc) OS_LAMBDA_INLINE {
     if constexpr (kMoments) {
@@ -412,8 +425,8 @@ OS_INLINE void main_pass(const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t0
         L.n_pending -= static_cast<int64_t>(took);
         L.wide_shift = L.wide_shift || wide_took != 0;
       }
-      const bool wide = L.n_wide != wide_seen || L.wide_shift;
-      wide_seen = L.n_wide;
+      const bool wide = L.wide_shift || ((L.n_ma != ma_seen || !ma_covers_wide) && any_wide(cx, keys, nr, nc));
+      ma_seen = L.n_ma;
       if (wide) {
         block_sums<W, double>(rows, keys, shift, acc + c0, C, nc);
       } else {
