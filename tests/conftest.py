@@ -13,6 +13,17 @@ from outlier_study.models.loader import LoadedModel
 from tests.helpers import TINY_MODELS, WIKITEXT, load_named
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a shared, busy CPU the thread barriers of
+    every small op dominate (a 3-layer forward takes ~0.5 s with 2 threads vs ~5 ms with 1). A module
+    asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def model_cache() -> Path:
     """The GGUF conversion cache (OUTLIER_STUDY_CACHE or ~/.cache/outlier-study), shared with `make run`."""

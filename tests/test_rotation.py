@@ -3,7 +3,6 @@ online, read by the KV quantizer), GPT-2's LayerNorms turned into RMSNorms, Gemm
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,7 @@ from outlier_study.quant.rotation import Rotations, head_dim, rotate
 from tests.helpers import assert_bit_exact, hook_count, snapshot
 from tests.test_quant import TOL, logits, perturbed, rel_diff
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture()

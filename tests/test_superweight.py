@@ -4,7 +4,6 @@ experiment and its ablations against random controls, and `superweight_keep` und
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,13 +27,7 @@ RULE = SimpleNamespace(ma_abs=100.0, ma_ratio=1000.0)  # the default MA rule
 LAYER, ROW, COL = 1, 5, 7  # where the super weight is planted: W_down[ROW, COL] of layer 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads on a shared CPU (see test_quant)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ restored bit-exactly also when the evaluation raises; its job records; coordinat
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,7 @@ from outlier_study.measure.perplexity import evaluate_perplexity
 from outlier_study.models.loader import LoadedModel
 from tests.helpers import assert_bit_exact, hook_count, load_named, make_cfg, snapshot
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads on a shared CPU (see test_quant)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.mark.parametrize("mode", ["zero", "scale"])

@@ -26,7 +26,7 @@ _STATE: ContextVar[tuple[str, AttentionSink, frozenset[str], frozenset[int]] | N
 _PREFIX = "outlier_capture_"
 
 
-def _original_function(
+def original_attention(
     module: nn.Module, impl: str
 ) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
     """The attention function the model would have used, eager being module-specific."""
@@ -71,7 +71,7 @@ def _capture_forward(
                     logits = torch.tanh(logits / softcap) * softcap  # type: ignore[operator]
                 probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
                 sink(layer, "attn.probs", probs, valid)
-    return _original_function(module, impl)(module, query, key, value, attention_mask, **kwargs)
+    return original_attention(module, impl)(module, query, key, value, attention_mask, **kwargs)
 
 
 def _register(impl: str) -> str:

@@ -10,7 +10,6 @@ and the model's own implementation is selected again when the outermost block ex
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -20,6 +19,8 @@ import torch
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from outlier_study.measure.attention import original_attention
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # (attention module, query (B, H, Tq, d), key (B, Hkv, Tk, d), value (B, Hkv, Tk, dv)) -> new q, k, v
@@ -44,9 +45,7 @@ def _wrapper(impl: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         for transform in _TRANSFORMS.get():
             query, key, value = transform(module, query, key, value)
-        eager = sys.modules[type(module).__module__].eager_attention_forward  # type: ignore[attr-defined]
-        inner = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
-        return inner(module, query, key, value, attention_mask, **kwargs)
+        return original_attention(module, impl)(module, query, key, value, attention_mask, **kwargs)
 
     return forward
 
