@@ -22,6 +22,7 @@ from outlier_study.app import run
 from outlier_study.measure.experts import capture_experts
 from outlier_study.models.loader import LoadedModel, load_model
 from outlier_study.models.tiny import tiny_config
+from outlier_study.quant.error import quant_error
 from outlier_study.quant.fake import QuantSpec, fake_quant, quantize, quantize_rows
 from outlier_study.quant.targets import quant_weights
 from outlier_study.quant.weights import WeightJob, quantize_weights
@@ -167,6 +168,56 @@ def test_activation_quant_reaches_each_experts_inputs_and_hidden_not_the_router(
         else:  # one scale per sequence and expert: every routed row of a window on one grid
             for b in range(value.shape[0]):
                 assert levels(value[b][valid[b]].reshape(1, -1)) <= 15
+
+
+# ------------------------------------------------------------------------------------- quantization error
+
+
+def test_quant_error_of_routed_experts_matches_a_direct_computation(model_cache: Path) -> None:
+    """With every token routed to every expert, the error row of a fused experts parameter is
+    sqrt(Σ_e ‖Q(X_e)Q(W_e)ᵀ − X_e W_eᵀ‖² / Σ_e ‖X_e W_eᵀ‖²), here computed from the experts' input alone."""
+    lm = tiny("qwen3_moe", model_cache)
+    blocks = lm.adapter.blocks(lm.model)
+    layer = min(lm.adapter.moe)
+    moe = lm.adapter.moe[layer]
+    for at, spec in lm.adapter.moe.items():  # every token to every expert
+        lm.adapter.module(blocks[at], spec.router).top_k = spec.num_experts
+    experts = lm.adapter.module(blocks[layer], moe.experts)
+    captured: list[torch.Tensor] = []
+    handle = experts.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach().clone()))
+    try:
+        with quant_error(lm, QuantSpec(w_bits=4, a_bits=6)) as log, torch.inference_mode():
+            lm.model(input_ids=ids(), use_cache=False)
+    finally:
+        handle.remove()
+    x = captured[0]
+    sq = {"gate_up_proj": [0.0, 0.0], "down_proj": [0.0, 0.0]}
+
+    def add(name: str, inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ref = inp @ w.T
+        sq[name][0] += float((quantize(inp, 6) @ quantize(w, 4).T - ref).double().square().sum())
+        sq[name][1] += float(ref.double().square().sum())
+        return ref
+
+    for e in range(moe.num_experts):
+        gate, up = add("gate_up_proj", x, experts.gate_up_proj[e].detach()).chunk(2, dim=-1)
+        add("down_proj", experts.act_fn(gate) * up, experts.down_proj[e].detach())
+    errors = log.relative()
+    for name, (err, ref) in sq.items():
+        assert errors[(layer, f"{moe.experts}.{name}")] == pytest.approx((err / ref) ** 0.5, rel=1e-4)
+    assert set(errors) == {(t.layer, t.path) for t in quant_weights(lm.adapter, lm.model)}
+
+
+@pytest.mark.parametrize("family", LAYOUTS)
+def test_quant_error_has_a_row_per_experts_parameter_in_every_layout(model_cache: Path, family: str) -> None:
+    lm = tiny(family, model_cache)
+    targets = {(t.layer, t.path) for t in quant_weights(lm.adapter, lm.model)}
+    for bits, low, high in ((16, 0.0, 0.0), (4, 1e-6, 1.0)):
+        with quant_error(lm, QuantSpec(w_bits=bits, a_bits=bits)) as log, torch.inference_mode():
+            lm.model(input_ids=ids(), use_cache=False)
+        errors = log.relative()
+        assert set(errors) == targets
+        assert all(low <= v <= high for v in errors.values()), errors
 
 
 # --------------------------------------------------------------------------------------------- GPTQ

@@ -1,4 +1,5 @@
-"""Per-linear relative quantization error ‖Q(X)Q(W) − XW‖ / ‖XW‖, streamed in forward hooks.
+"""Per-linear relative quantization error ‖Q(X)Q(W) − XW‖ / ‖XW‖, streamed in forward hooks (and, for routed
+experts, through the experts interface: one row per fused parameter, over every expert and routed token).
 
 X is the linear's own input in the un-quantized model (with any method applied), so the number isolates
 what quantizing this one layer costs; errors of earlier layers do not accumulate into it. Biases are left
@@ -10,14 +11,19 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from outlier_study.adapters.experts import expert_params
 from outlier_study.adapters.linears import weight_out_in
-from outlier_study.quant.fake import OFF_BITS, QuantSpec, quantize
+from outlier_study.measure.experts.routed import CAPTURES, Routed, Site, activate, shape_hook, sites_of, watch
+from outlier_study.quant.experts import quantized_hidden, quantized_input
+from outlier_study.quant.fake import OFF_BITS, QuantSpec, quantize, quantize_rows, rtn
+from outlier_study.quant.targets import QuantWeight, quant_weights
 
 if TYPE_CHECKING:
     from outlier_study.models.loader import LoadedModel
@@ -58,24 +64,69 @@ def _hook(key: tuple[int, str], spec: QuantSpec, log: ErrorLog, qw: torch.Tensor
     return hook
 
 
+@dataclass
+class _ExpertError:
+    """A routed-mechanism user: the error of each hit expert's (gate_)up and down slices on the tokens
+    routed to it, summed over the experts of one fused parameter (one row per parameter and layer).
+    Activations are quantized as `fake_quant` quantizes them (`quant/experts.py`), so the expert rows
+    measure what the job evaluates."""
+
+    spec: QuantSpec
+    log: ErrorLog
+    targets: dict[nn.Parameter, QuantWeight]
+    weights: Mapping[nn.Parameter, torch.Tensor] | None
+    sites: dict[int, Site] = field(default_factory=dict)
+    _rounded: dict[nn.Parameter, torch.Tensor] = field(default_factory=dict)
+
+    def apply(self, site: Site, routed: Routed, out: torch.Tensor) -> torch.Tensor:
+        rows = partial(quantize_rows, bits=self.spec.a_bits)
+        per_window = self.spec.a_granularity == "tensor"
+        q_routed = routed.with_inputs(quantized_input(site, routed.like(), rows, per_window))
+        up, down = (getattr(site.experts, name) for name in expert_params(site.spec))
+        for e in routed.hit:
+            self._add(up, e, routed.inputs(e), q_routed.inputs(e))
+            hidden = routed.taps(e)["mlp.hidden"]
+            self._add(down, e, hidden, quantized_hidden(site, routed, e, rows, per_window))
+        return out
+
+    def _add(self, param: nn.Parameter, e: int, x: torch.Tensor, qx: torch.Tensor) -> None:
+        target = self.targets[param]
+        ref = F.linear(x, target.out_in()[e])
+        diff = F.linear(qx, self._quantized(target)[e]).sub_(ref)
+        self.log.add((target.layer, target.path), diff.double().square().sum(), ref.double().square().sum())
+
+    def _quantized(self, target: QuantWeight) -> torch.Tensor:
+        if self.weights is not None:
+            return self.weights[target.param]
+        if target.param not in self._rounded:
+            self._rounded[target.param] = rtn(target, self.spec)
+        return self._rounded[target.param]
+
+
 @contextmanager
 def quant_error(
     lm: LoadedModel, spec: QuantSpec, weights: Mapping[nn.Parameter, torch.Tensor] | None = None
 ) -> Iterator[ErrorLog]:
-    """Hook every decoder linear for the block and stream its relative error under `spec` (weights and
-    activations; KV quantization is not a linear's error). With 16/16 bits nothing is hooked: error 0.
-    `weights`: the quantized (out, in) weights a weight quantizer made (e.g. GPTQ); without them each
-    weight is rounded to nearest in the hook."""
+    """Hook every decoder linear and routed-experts parameter for the block and stream its relative error
+    under `spec` (weights and activations; KV quantization is not a linear's error). With 16/16 bits
+    nothing is hooked: error 0. `weights`: the quantized (out, in) weights a weight quantizer made (e.g.
+    GPTQ); without them each weight is rounded to nearest in the hook."""
     log = ErrorLog()
-    linears = lm.adapter.linears(lm.model)
+    model, adapter = lm.model, lm.adapter
     with ExitStack() as stack:
         if spec.w_bits < OFF_BITS or spec.a_bits < OFF_BITS:
-            for layer, path, module in linears:
+            for layer, path, module in adapter.linears(model):
                 qw = None if weights is None else weights[module.weight]
                 handle = module.register_forward_hook(_hook((layer, path), spec, log, qw))
                 stack.callback(handle.remove)
+            targets = {t.param: t for t in quant_weights(adapter, model) if t.experts is not None}
+            user = _ExpertError(spec, log, targets, weights)
+            for block, site in sites_of(adapter.moe, adapter.blocks(model)):
+                stack.callback(block.register_forward_pre_hook(shape_hook(site), with_kwargs=True).remove)
+                watch(stack, block, site, user)
+            activate(stack, model, user, CAPTURES)
         else:
             zero = torch.zeros((), dtype=torch.float64)
-            for layer, path, _ in linears:
-                log.add((layer, path), zero, torch.ones((), dtype=torch.float64))
+            for target in quant_weights(adapter, model):
+                log.add((target.layer, target.path), zero, torch.ones((), dtype=torch.float64))
         yield log

@@ -59,10 +59,26 @@ class _Hidden:
     def apply(self, site: Site, routed: Routed, out: torch.Tensor) -> torch.Tensor:
         for e in routed.hit:
             tok = routed.rows(e)[0]
-            window = _windows(site, tok) if self.per_window else None
-            delta = routed.replace_hidden(e, self.quantize(routed.taps(e)["mlp.hidden"], window=window))
+            hidden = quantized_hidden(site, routed, e, self.quantize, self.per_window)
+            delta = routed.replace_hidden(e, hidden)
             out = routed.add_rows(out, e, torch.arange(tok.shape[0], device=tok.device), delta)
         return out
+
+
+def quantized_input(site: Site, x: torch.Tensor, quantize: RowQuantizer, per_window: bool) -> torch.Tensor:
+    """The experts module's input (..., H) as its matrices read it under quantization: per token row, or per
+    sequence of the decoder layer's (B, T)."""
+    rows = x.reshape(-1, x.shape[-1])
+    window = _windows(site, torch.arange(rows.shape[0], device=x.device)) if per_window else None
+    return quantize(rows, window=window).reshape(x.shape)
+
+
+def quantized_hidden(
+    site: Site, routed: Routed, e: int, quantize: RowQuantizer, per_window: bool
+) -> torch.Tensor:
+    """Expert e's down_proj input on its routed tokens, quantized per row or per sequence of those tokens."""
+    window = _windows(site, routed.rows(e)[0]) if per_window else None
+    return quantize(routed.taps(e)["mlp.hidden"], window=window)
 
 
 def _input_hook(site: Site, quantize: RowQuantizer, per_window: bool) -> Callable[..., Any]:
@@ -70,9 +86,7 @@ def _input_hook(site: Site, quantize: RowQuantizer, per_window: bool) -> Callabl
 
     def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = args[0] if args else kwargs["hidden_states"]
-        rows = x.reshape(-1, x.shape[-1])
-        window = _windows(site, torch.arange(rows.shape[0], device=x.device)) if per_window else None
-        q = quantize(rows, window=window).reshape(x.shape)
+        q = quantized_input(site, x, quantize, per_window)
         return ((q, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": q})
 
     return pre

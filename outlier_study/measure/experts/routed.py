@@ -168,6 +168,13 @@ class Routed:
     def like(self) -> torch.Tensor:
         return self.x if self.scaled is None else self.scaled
 
+    def with_inputs(self, like: torch.Tensor) -> Routed:
+        """The same routing over other inputs shaped as `like()` (e.g. those inputs quantized)."""
+        x, scaled = (like, None) if self.scaled is None else (None, like)
+        other = Routed(self.module, self.spec, self.idx, self.w, x=x, scaled=scaled)
+        other._rows = self._rows
+        return other
+
     def out_rows(self, e: int, tok: torch.Tensor) -> torch.Tensor:
         """Rows of the experts' output holding (token, e): token rows, or e's block of E·N rows."""
         return tok if self.scaled is None else tok + e * self.n
