@@ -17,7 +17,8 @@
 // count above floor(ma_abs) or, for the ratio rule, from the few columns whose max reaches the
 // threshold; the top-k candidates from the columns whose max reaches the k-th largest column max.
 // After all windows: per-channel (count, mean, M2) and global (n, mean, M2, M3, M4) of the update from the
-// shifted sums (exact binomial algebra in float64). Running merges across updates stay in Python.
+// shifted sums (exact binomial algebra in float64), merged into the tap's running state with the reference
+// reducer's merge rules, so one update costs Python a single call; only the running top-k stays in Python.
 //
 // Portability: built with -O3 and no -march; on x86-64 with GCC the hot loops are cloned for x86-64-v4
 // (AVX-512) and v3 (AVX2) and picked at load time, so one build runs on any node of a cluster.
@@ -668,6 +669,7 @@ struct Totals {
   int64_t n_good = 0, ma = 0, misses = 0, fallbacks = 0;
   double spread = 0.0;
   double max_abs = -1.0;
+  double hint = std::numeric_limits<double>::quiet_NaN();  // the last window median: the next hint
 };
 
 template <typename In, typename W>
@@ -869,6 +871,7 @@ void run(const Ctx<In, W>& cx0, const Options& opt, double* medians, Totals& tot
     n_inf += ws.lanes[l].n_inf;
   }
   tot.spread = spread;
+  tot.hint = hint;
   gm[5] = static_cast<double>(n_nan);
   gm[6] = static_cast<double>(n_inf);
   if (opt.channels) {
@@ -951,32 +954,81 @@ Ctx<In, W> context(const at::Tensor& x, const c10::optional<at::Tensor>& valid) 
   return cx;
 }
 
-// The statistics of one update. Outputs (float64, preallocated by the caller and overwritten):
-//   gm[0:7]: n, mean, M2, M3, M4 of the update (n = 0: no moments), nan count, inf count;
-//   gm[7:13]: valid finite elements, MA count, bracket misses, max |a| (-1: none), the next spread,
-//   histogram fallbacks;
-//   medians[0:B] (nan: no valid element); top (k, 5): |a|, value, window, token, channel; returns its rows;
-//   ch (4, C): count, mean, M2, |a| max (-1: none) per channel (only with `channels`).
+// Pebay's pairwise merge of (n, mean, M2, M3, M4) b into a: the operations of
+// stats.moments.merge_moments in its order (this function is not cloned per ISA, so no FMA contracts
+// them), so the running moments are those the reference merge would give, bit for bit.
+void merge_moments(double* a, const double* b) {
+  const double na = a[0], ma = a[1], m2a = a[2], m3a = a[3], m4a = a[4];
+  const double nb = b[0], mb = b[1], m2b = b[2], m3b = b[3], m4b = b[4];
+  if (nb == 0) return;
+  if (na == 0) {
+    std::copy(b, b + 5, a);
+    return;
+  }
+  const double n = na + nb, delta = mb - ma, dn = delta / n;
+  a[0] = n;
+  a[1] = ma + nb * dn;
+  a[2] = m2a + m2b + delta * dn * na * nb;
+  a[3] = m3a + m3b + delta * dn * dn * na * nb * (na - nb) + 3.0 * dn * (na * m2b - nb * m2a);
+  a[4] = m4a + m4b + delta * std::pow(dn, 3.0) * na * nb * (na * na - na * nb + nb * nb) +
+         6.0 * dn * dn * (na * na * m2b + nb * nb * m2a) + 4.0 * dn * (na * m3b - nb * m3a);
+}
+
+// Chan's per-channel merge of an update's (count, mean, M2) and |a| max b (4, C) into a: the operations of
+// stats.moments.merge_channel_moments in its order.
+void merge_channels(double* a, const double* b, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const double na = a[c], nb = b[c];
+    const double total = na + nb;
+    const double frac = nb / std::max(total, 1.0);
+    const double delta = b[C + c] - a[C + c];
+    a[c] = total;
+    a[C + c] = a[C + c] + delta * frac;
+    a[2 * C + c] = a[2 * C + c] + b[2 * C + c] + delta * delta * na * frac;
+    a[3 * C + c] = std::max(a[3 * C + c], b[3 * C + c]);
+  }
+}
+
+// The running state of a tap (float64, `state`), which each update adds to:
+enum State : int64_t {
+  kN, kMean, kM2, kM3, kM4,  // central moments of every valid finite entry (n = 0: none yet)
+  kNan, kInfs, kGood, kMa,   // counts: nan, +-inf, valid finite entries, massive activations
+  kMisses,                   // windows whose median fell outside the hinted bracket
+  kMaxAbs,                   // max |a| (-1: none yet)
+  kSpread,                   // the hinted bracket's relative half-width (adapted here)
+  kFallbacks,                // windows whose median needed the histogram passes
+  kHint,                     // the last window median (nan: none yet): brackets the next one
+  kStateSize
+};
+
+// One update of a tap's running statistics from a (B, T, C) tensor: `state` (kStateSize, see State) and,
+// with `channels`, ch (4, C): count, mean, M2 and |a| max (-1: none) per channel are merged in place;
+// medians[0:B] gets each window's median (nan: no valid element); top (k, 5) this update's top-k
+// candidates (|a|, value, window, token, channel), whose row count is returned (the caller keeps the
+// running top-k, entries above `top_floor` only).
 int64_t update(const at::Tensor& x, const c10::optional<at::Tensor>& valid, int64_t offset, double ma_abs,
-               double ma_ratio, int64_t top_k, bool moments, bool channels, double hint, double spread,
-               double top_floor,
-               at::Tensor gm, at::Tensor medians, at::Tensor top, at::Tensor ch) {
+               double ma_ratio, int64_t top_k, bool moments, bool channels, double top_floor,
+               at::Tensor state, at::Tensor medians, at::Tensor top, at::Tensor ch) {
   TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(), "fused: expected a (B, T, C) CPU tensor");
   TORCH_CHECK(!valid.has_value() || (valid->scalar_type() == at::kBool && valid->sizes() == x.sizes()),
               "fused: the mask must be a bool tensor of the input's shape");
-  TORCH_CHECK(gm.scalar_type() == at::kDouble && gm.is_contiguous() && gm.numel() >= 13, "fused: gm");
+  TORCH_CHECK(state.scalar_type() == at::kDouble && state.is_contiguous() && state.numel() == kStateSize,
+              "fused: state");
   TORCH_CHECK(medians.scalar_type() == at::kDouble && medians.numel() >= x.size(0), "fused: medians");
   TORCH_CHECK(top.scalar_type() == at::kDouble && top.is_contiguous() && top.numel() >= 5 * top_k, "fused: top");
-  TORCH_CHECK(!channels || (ch.scalar_type() == at::kDouble && ch.is_contiguous() && ch.numel() >= 4 * x.size(2)),
+  TORCH_CHECK(!channels || (ch.scalar_type() == at::kDouble && ch.is_contiguous() && ch.numel() == 4 * x.size(2)),
               "fused: ch");
-  Options opt{ma_abs, ma_ratio, hint, spread, top_floor, top_k, offset, moments, moments && channels};
-  double* g = gm.data_ptr<double>();
-  std::fill(g, g + 13, 0.0);
+  double* st = state.data_ptr<double>();
+  Options opt{ma_abs, ma_ratio, st[kHint], st[kSpread], top_floor, top_k, offset, moments, moments && channels};
+  double g[7] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  static thread_local std::vector<double> upd_ch;  // this update's per-channel statistics
+  if (opt.channels) upd_ch.assign(4 * x.size(2), 0.0);
   Totals tot;
-  tot.spread = spread;
+  tot.spread = st[kSpread];
+  tot.hint = st[kHint];
   std::vector<TopRow> rows;
   double* med = medians.data_ptr<double>();
-  double* chp = channels ? ch.data_ptr<double>() : nullptr;
+  double* chp = opt.channels ? upd_ch.data() : nullptr;
   if (x.numel() == 0) {
     for (int64_t b = 0; b < x.size(0); ++b) med[b] = std::numeric_limits<double>::quiet_NaN();
   } else {
@@ -997,12 +1049,17 @@ int64_t update(const at::Tensor& x, const c10::optional<at::Tensor>& valid, int6
         TORCH_CHECK(false, "fused: unsupported dtype ", x.scalar_type());
     }
   }
-  g[7] = static_cast<double>(tot.n_good);
-  g[8] = static_cast<double>(tot.ma);
-  g[9] = static_cast<double>(tot.misses);
-  g[10] = tot.max_abs;
-  g[11] = tot.spread;
-  g[12] = static_cast<double>(tot.fallbacks);
+  merge_moments(st, g);
+  st[kNan] += g[5];
+  st[kInfs] += g[6];
+  st[kGood] += static_cast<double>(tot.n_good);
+  st[kMa] += static_cast<double>(tot.ma);
+  st[kMisses] += static_cast<double>(tot.misses);
+  st[kMaxAbs] = std::max(st[kMaxAbs], tot.max_abs);
+  st[kSpread] = tot.spread;
+  st[kFallbacks] += static_cast<double>(tot.fallbacks);
+  st[kHint] = tot.hint;
+  if (opt.channels && x.numel() > 0) merge_channels(ch.data_ptr<double>(), upd_ch.data(), x.size(2));
   double* tp = top.data_ptr<double>();
   const bool wide = x.scalar_type() == at::kDouble;
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -1027,4 +1084,5 @@ void release() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("update", &update, "the statistics of one (B, T, C) update (see fused.cpp)");
   m.def("release", &release, "free this thread's workspace");
+  m.attr("STATE_SIZE") = static_cast<int64_t>(kStateSize);
 }

@@ -1,11 +1,11 @@
 """FusedReducer: the statistics of `TapReducer` from one compiled pass over each window (`fused.cpp`).
 
 The reference (`stats.reducers.TapReducer`) makes several torch/numpy passes and a numpy partition per
-window; this one reads each tapped tensor once in the kernel, in float64 accumulators, and only the small
-summary of an update crosses back: its moments, per-channel (count, mean, M2, |a| max), window medians,
-counts and up to k top candidates. What that summary does to the running state is `TapState`'s, shared
-with the reference. Its outputs land in buffers made once per reducer, so an update allocates nothing of
-the tensor's size and runs a fixed handful of Python statements.
+window; this one reads each tapped tensor once in the kernel, in float64 accumulators, and the kernel also
+merges the update into the tap's running state (moments, per-channel (count, mean, M2, |a| max), counts,
+the median hint) with the reference's merge rules, in buffers made once per reducer. An update is one
+kernel call and a handful of Python statements (window medians and the running top-k stay here);
+`result` hands the state to `TapState`'s assembly, shared with the reference.
 
 Agreement with the reference (tests/test_fused.py): counts, max |a|, window medians, MA counts, channel
 counts and |a| max and the top-k entries are equal; the moments agree to float32 precision (both sum
@@ -19,9 +19,12 @@ from types import ModuleType
 
 import torch
 
-from outlier_study.stats.tapstats import TapState
+from outlier_study.stats.moments import EMPTY_MOMENTS
+from outlier_study.stats.tapstats import TapState, TapStats
 
 _NATIVE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # read by the kernel as they are
+# Slots of the kernel's running state (fused.cpp, `State`).
+_N, _NAN, _INF, _GOOD, _MA, _MISSES, _MAX_ABS, _SPREAD, _FALLBACKS, _HINT = 0, 5, 6, 7, 8, 9, 10, 11, 12, 13
 
 
 class FusedReducer(TapState):
@@ -39,17 +42,25 @@ class FusedReducer(TapState):
     ) -> None:
         super().__init__(top_k, ma_abs, ma_ratio, channel_stats, moments)
         self._kernel = kernel
-        self._hint = math.nan  # the last window median: brackets the next window's median in the kernel
-        self._spread = 1.0 / 16.0  # that bracket's relative half-width, adapted by the kernel
-        self.misses = 0  # windows whose median fell outside that bracket (one more pass; diagnostics)
-        self.fallbacks = 0  # ... and outside a sampled one too (two more passes)
-        self._gm = torch.zeros(13, dtype=torch.float64)
-        self._gm_np = self._gm.numpy()
+        self._state = torch.zeros(int(kernel.STATE_SIZE), dtype=torch.float64)
+        self._state[_MAX_ABS] = -1.0  # none yet
+        self._state[_SPREAD] = 1.0 / 16.0  # the hinted median bracket's relative half-width, adapted there
+        self._state[_HINT] = math.nan  # no median yet to bracket the next window's
+        self._state_np = self._state.numpy()
         self._medians_buf = torch.zeros(1, dtype=torch.float64)
         self._top_buf = torch.zeros(max(top_k, 1), 5, dtype=torch.float64)
-        self._ch = torch.zeros(0, dtype=torch.float64)
+        self._ch = torch.zeros(0, dtype=torch.float64)  # (4, C) running channel state, made on first update
 
-    @torch.no_grad()
+    @property
+    def misses(self) -> int:
+        """Windows whose median fell outside the hinted bracket (one more pass; diagnostics)."""
+        return int(self._state_np[_MISSES])
+
+    @property
+    def fallbacks(self) -> int:
+        """... and outside a sampled one too (two more passes)."""
+        return int(self._state_np[_FALLBACKS])
+
     def update(self, x: torch.Tensor, window_offset: int, valid: torch.Tensor | None = None) -> None:
         """As `TapReducer.update`: x (B, T, C) on CPU, valid an optional bool mask broadcastable to x."""
         x = self._begin(x, window_offset)
@@ -63,8 +74,9 @@ class FusedReducer(TapState):
         mask = None if valid is None else valid.to(device=x.device, dtype=torch.bool).expand(B, T, C)
         if self._medians_buf.numel() < B:
             self._medians_buf = torch.zeros(B, dtype=torch.float64)
-        if self.channel_stats and self._ch.numel() != 4 * C:
+        if self.channel_stats and not self._ch.numel():
             self._ch = torch.zeros(4, C, dtype=torch.float64)
+            self._ch[3] = -1.0  # |a| max: none yet
         floor = self._top[-1].abs if self.top_k and len(self._top) == self.top_k else -1.0
         n_top = self._kernel.update(
             x,
@@ -75,33 +87,24 @@ class FusedReducer(TapState):
             self.top_k,
             self.moments,
             self.channel_stats,
-            self._hint,
-            self._spread,
             floor,
-            self._gm,
+            self._state,
             self._medians_buf,
             self._top_buf,
             self._ch,
         )
-        n, mean, m2, m3, m4, nan, inf, good, ma, misses, max_abs, spread, fallbacks = self._gm_np.tolist()
-        self._nan += int(nan)
-        self._inf += int(inf)
-        self._count += int(good)
-        self._ma += int(ma)
-        self.misses += int(misses)
-        self.fallbacks += int(fallbacks)
-        self._spread = spread
-        if max_abs >= 0.0:
-            self._max_abs = max(self._max_abs, max_abs)
-        medians = self._medians_buf[:B].tolist()
-        for b, med in enumerate(medians):
+        for b, med in enumerate(self._medians_buf[:B].tolist()):
             self._medians[window_offset + b] = med
-            if not math.isnan(med):
-                self._hint = med
-        if n > 0:
-            self._merge_moments((n, mean, m2, m3, m4))
-        if self.channel_stats:
-            ch = self._ch.numpy()
-            self._merge_channels(ch[0], ch[1], ch[2], ch[3])
         if n_top:
             self._merge_top(self._top_buf[:n_top].tolist())
+
+    def result(self) -> TapStats:
+        """Snapshot of the statistics so far (the kernel's running state handed to `TapState`)."""
+        n, mean, m2, m3, m4, nan, inf, good, ma, _, max_abs = self._state_np[: _MAX_ABS + 1].tolist()
+        self._nan, self._inf, self._count, self._ma = int(nan), int(inf), int(good), int(ma)
+        self._max_abs = max_abs if max_abs >= 0.0 else -math.inf
+        self._moments = (n, mean, m2, m3, m4) if n > 0 else EMPTY_MOMENTS
+        if self._ch.numel():
+            ch = self._ch.numpy()
+            self._ch_count, self._ch_mean, self._ch_m2, self._ch_absmax = (row.copy() for row in ch)
+        return super().result()
