@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,7 @@ SMALL = ("dataset=embedded", "dataset.seq_len=16", "dataset.n_windows=2", "progr
 LAYOUTS = ("qwen3_moe", "qwen2_moe", "gpt_oss", "llama4_text")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads on a shared CPU (see test_quant.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def family_overrides(family: str) -> tuple[str, ...]:
