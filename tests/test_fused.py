@@ -308,3 +308,91 @@ def test_profile_windows_same_statistics_with_either_reducer(
     assert sum(s.ma_count for s in ref.stats.values()) > 0  # the MA rule is exercised
     for key, stats in ref.stats.items():
         assert_same(fused.stats[key], stats)
+
+
+# ------------------------------------------------------------------------------ per-channel moments alone
+
+
+def _channel_cases() -> dict[str, tuple[list[tuple[torch.Tensor, torch.Tensor | None]], bool]]:
+    """name -> ([(x, valid)], absolute): the updates one tap's channel reducer sees."""
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(2, 300, 40, generator=g)
+    big[..., 5] += 1e4  # a channel whose mean dwarfs its spread
+    big[0, 7, 9] = 3e5  # an MA inside another channel
+    mask = torch.rand(2, 300, 40, generator=g) > 0.3
+    mask[:, :, 11] = False  # a channel with no entry
+    strided = torch.randn(40, 300, 2, generator=g).permute(2, 1, 0)  # channels not contiguous
+    half = (torch.randn(3, 64, 24, generator=g) * 50).to(torch.float16)
+    return {
+        "several-updates": ([(big[:1], None), (big[1:], None), (big[:, :17], None)], False),
+        "absolute": ([(big, None), (-big[:, :50], None)], True),
+        "masked": ([(big, mask), (big[:1], mask[:1, :, :1])], False),
+        "strided": ([(strided, None), (strided[:, :7], None)], False),
+        "float16": ([(half, None), (half[:1], None)], True),
+        "bfloat16-and-float64": ([(half.to(torch.bfloat16), None), (big[..., :24].double(), None)], False),
+        "few-rows": ([(big[:1, :3], None), (big[:1, :1], None)], False),
+    }
+
+
+@pytest.mark.parametrize("case", list(_channel_cases()))
+def test_fused_channel_moments_equal_the_reference_reducer(kernel: ModuleType, case: str) -> None:
+    from outlier_study.stats.channels import ChannelReducer
+    from outlier_study.stats.fused import FusedChannelReducer
+
+    updates, absolute = _channel_cases()[case]
+    fused, ref = FusedChannelReducer(kernel, absolute), ChannelReducer(absolute)
+    for x, valid in updates:
+        before = x.clone()
+        fused.update(x, 0, valid)
+        ref.update(x, 0, valid)
+        assert torch.equal(x, before)
+    got, want = fused.result(), ref.result()
+    np.testing.assert_array_equal(got.count, want.count)
+    # The reference sums in float64 without a mask, but in the input's float32 under one; and its float64
+    # sum(a^2) - sum(a)^2 / n loses ~1e-8 of M2 where the mean is 1e4 and the spread 1. The kernel sums
+    # shifted values in float64 in both cases, so the tolerance is the reference's precision.
+    masked = any(valid is not None for _, valid in updates)
+    rtol, atol = (1e-4, 1e-4) if masked else (1e-12, 1e-12)
+    np.testing.assert_allclose(got.mean, want.mean, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(got.std, want.std, rtol=max(rtol, 1e-6), atol=max(atol, 1e-9))
+    assert got.tensor_mean == pytest.approx(want.tensor_mean, rel=max(rtol, 1e-12))
+    assert got.tensor_std == pytest.approx(want.tensor_std, rel=max(rtol, 1e-9))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the inf channel's moments
+def test_fused_channel_moments_against_float64_and_bad_input(kernel: ModuleType) -> None:
+    from outlier_study.stats.fused import FusedChannelReducer
+
+    x = torch.randn(3, 200, 16, generator=torch.Generator().manual_seed(5)) * 3 + 1e3
+    red = FusedChannelReducer(kernel)
+    for w in range(3):
+        red.update(x[w : w + 1], w)
+    got, flat = red.result(), x.double().reshape(-1, 16)
+    np.testing.assert_allclose(got.mean, flat.mean(0).numpy(), rtol=1e-13)
+    np.testing.assert_allclose(got.std, flat.std(0, unbiased=False).numpy(), rtol=1e-9)
+    with pytest.raises(ValueError, match="channel count"):
+        red.update(torch.zeros(1, 2, 8), 3)
+    nonfinite = x[:1].clone()
+    nonfinite[0, 4, 2] = math.inf
+    red2 = FusedChannelReducer(kernel)
+    red2.update(nonfinite, 0)
+    assert not np.isfinite(red2.result().std[2]) and np.isfinite(red2.result().std[3])
+
+
+def test_profile_channels_same_summaries_with_either_reducer(kernel: ModuleType, model_cache) -> None:
+    from outlier_study.measure.profiler import profile_channels
+    from tests.helpers import load_named
+
+    lm = load_named("tiny-llama", model_cache)
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(0))
+    taps, layers = lm.arch.taps(None), list(range(lm.n_layers))
+    kw = {"progress": False, "batch_size": 2, "without_ma": ("resid.mid",), "ma_rule": (0.5, 2.0)}
+    assert choose.channel_reducer("auto", True).func.__name__ == "FusedChannelReducer"  # type: ignore[attr-defined]
+    fused = profile_channels(lm, ids, taps, layers, reducer="fused", **kw)
+    ref = profile_channels(lm, ids, taps, layers, reducer="reference", **kw)
+    assert fused.keys() == ref.keys()
+    for key, want in ref.items():  # the NO_MA variants are masked: float32 sums in the reference
+        got = fused[key]
+        np.testing.assert_array_equal(got.count, want.count)
+        np.testing.assert_allclose(got.mean, want.mean, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got.std, want.std, rtol=1e-4, atol=1e-6)

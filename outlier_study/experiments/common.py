@@ -133,6 +133,7 @@ def channel_profile(
         batch_size=int(ctx.cfg.dataset.batch_size),
         progress=bool(ctx.cfg.progress),
         desc=f"{ctx.cfg.experiment.name} channels",
+        reducer=str(ctx.cfg.reducer),
     )
 
 

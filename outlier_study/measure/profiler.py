@@ -19,8 +19,8 @@ from outlier_study.adapters.taps import ATTENTION_TAPS, split_expert
 from outlier_study.measure.forward import forward, forward_windows
 from outlier_study.measure.hooks import tap_hooks
 from outlier_study.models.loader import LoadedModel
-from outlier_study.stats.channels import ChannelReducer, ChannelSummary
-from outlier_study.stats.choose import tap_reducer
+from outlier_study.stats.channels import ChannelSummary
+from outlier_study.stats.choose import channel_reducer, tap_reducer
 from outlier_study.stats.massive import ma_mask
 from outlier_study.stats.tapstats import StatsByTap, TapStats
 
@@ -167,11 +167,13 @@ def profile_channels(
     batch_size: int = 1,
     progress: bool = True,
     desc: str = "channels",
+    reducer: str = "auto",
 ) -> ChannelsByTap:
     """Per-channel moments of `taps` at `layers`: all that CO detection needs. Taps in `without_ma` are
-    also measured with their MAs left out, under the key tap + NO_MA."""
+    also measured with their MAs left out, under the key tap + NO_MA. `reducer` as for `profile_windows`."""
+    factory = channel_reducer(reducer, lm.input_device.type == "cpu")
     variants = {NO_MA: lambda flat: ~ma_mask(flat, *ma_rule)} if without_ma else {}
-    profiler = Profiler(taps, layers, lambda _tap: ChannelReducer(absolute), variants, without_ma)
+    profiler = Profiler(taps, layers, lambda _tap: factory(absolute), variants, without_ma)
     return run_profiler(lm, input_ids, taps, layers, profiler, batch_size, progress, desc)
 
 

@@ -974,9 +974,9 @@ void merge_moments(double* a, const double* b) {
          6.0 * dn * dn * (na * na * m2b + nb * nb * m2a) + 4.0 * dn * (na * m3b - nb * m3a);
 }
 
-// Chan's per-channel merge of an update's (count, mean, M2) and |a| max b (4, C) into a: the operations of
-// stats.moments.merge_channel_moments in its order.
-void merge_channels(double* a, const double* b, int64_t C) {
+// Chan's per-channel merge of an update's (count, mean, M2) b (3, C) into a: the operations of
+// stats.moments.merge_channel_moments in its order. With `absmax` both hold a fourth row, |a| max.
+void merge_channels(double* a, const double* b, int64_t C, bool absmax) {
   for (int64_t c = 0; c < C; ++c) {
     const double na = a[c], nb = b[c];
     const double total = na + nb;
@@ -985,7 +985,7 @@ void merge_channels(double* a, const double* b, int64_t C) {
     a[c] = total;
     a[C + c] = a[C + c] + delta * frac;
     a[2 * C + c] = a[2 * C + c] + b[2 * C + c] + delta * delta * na * frac;
-    a[3 * C + c] = std::max(a[3 * C + c], b[3 * C + c]);
+    if (absmax) a[3 * C + c] = std::max(a[3 * C + c], b[3 * C + c]);
   }
 }
 
@@ -1059,7 +1059,7 @@ int64_t update(const at::Tensor& x, const c10::optional<at::Tensor>& valid, int6
   st[kSpread] = tot.spread;
   st[kFallbacks] += static_cast<double>(tot.fallbacks);
   st[kHint] = tot.hint;
-  if (opt.channels && x.numel() > 0) merge_channels(ch.data_ptr<double>(), upd_ch.data(), x.size(2));
+  if (opt.channels && x.numel() > 0) merge_channels(ch.data_ptr<double>(), upd_ch.data(), x.size(2), true);
   double* tp = top.data_ptr<double>();
   const bool wide = x.scalar_type() == at::kDouble;
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -1073,16 +1073,220 @@ int64_t update(const at::Tensor& x, const c10::optional<at::Tensor>& valid, int6
   return static_cast<int64_t>(rows.size());
 }
 
+// ------------------------------------------------------------------ per-channel moments alone (CO profiles)
+//
+// Channel-wise outlier detection needs each channel's (count, mean, M2) and nothing else: one read of the
+// tensor, in which each lane keeps per channel the sums S1 and S2 of (a - shift) in float64 (and a count
+// under a mask). The shift is the channel's running mean (in a tap's first update, the value of its first
+// row), so the sums stay small where a mean dwarfs its spread. Masked entries are left out; non-finite ones
+// are kept, as the reference ChannelReducer keeps them (they make that channel's moments non-finite).
+
+struct ChanLane {
+  std::vector<double> n, s1, s2;  // C each: this update's sums of this lane
+  std::vector<float> vals_f;      // kRows x C converted values (16-bit or strided input) ...
+  std::vector<double> vals_d;     // ... of a float64 one
+  std::vector<uint8_t> mrows;     // kRows x C mask bytes (broadcast or strided mask)
+  int64_t rows = 0;               // rows read (the count of every channel when nothing is masked)
+
+  template <typename W>
+  W* vals() {
+    if constexpr (std::is_same_v<W, double>) {
+      return vals_d.data();
+    } else {
+      return vals_f.data();
+    }
+  }
+};
+
+struct ChanWork {
+  std::vector<ChanLane> lanes;
+  std::vector<double> shift, upd;  // C; 3 x C: this update's (count, mean, M2)
+};
+
+ChanWork& chan_work() {
+  static thread_local ChanWork w;
+  return w;
+}
+
+// Adds R rows (pointers to their C values, and their mask bytes) to the sums: R = kRows keeps the block's
+// sums in registers, one load and store of each channel's sums per block.
+template <int R, typename W, bool kMask, bool kAbs>
+OS_INLINE void channel_block(const W* const* rows, const uint8_t* const* masks, const double* __restrict__ shift,
+                             double* __restrict__ n, double* __restrict__ s1, double* __restrict__ s2, int64_t C) {
+#pragma GCC ivdep
+  for (int64_t c = 0; c < C; ++c) {
+    const double sh = shift[c];
+    double bn = 0.0, b1 = 0.0, b2 = 0.0;
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      double v = static_cast<double>(rows[i][c]);
+      if constexpr (kAbs) v = std::abs(v);
+      double d = v - sh;
+      if constexpr (kMask) {
+        const bool ok = masks[i][c] != 0;
+        d = ok ? d : 0.0;
+        bn += ok ? 1.0 : 0.0;
+      }
+      b1 += d;
+      b2 += d * d;
+    }
+    if constexpr (kMask) n[c] += bn;
+    s1[c] += b1;
+    s2[c] += b2;
+  }
+}
+
+// One lane's rows [r0, r1) of the flattened (B * T) rows.
+template <typename In, typename W, bool kMask, bool kAbs>
+OS_INLINE void channel_pass(const Ctx<In, W>& cx, ChanLane& L, const double* shift, int64_t r0, int64_t r1) {
+  const int64_t C = cx.C;
+  const W* rows[kRows];
+  const uint8_t* masks[kRows] = {};
+  for (int64_t r = r0; r < r1; r += kRows) {
+    const int nr = static_cast<int>(std::min<int64_t>(kRows, r1 - r));
+    for (int i = 0; i < nr; ++i) {
+      const int64_t b = (r + i) / cx.T, t = (r + i) % cx.T;
+      rows[i] = load_row(cx, L.template vals<W>() + i * C, b, t, 0, C);
+      if constexpr (kMask) masks[i] = load_mask(cx, L.mrows.data() + i * C, b, t, 0, C);
+    }
+    if (nr == kRows) {
+      channel_block<kRows, W, kMask, kAbs>(rows, masks, shift, L.n.data(), L.s1.data(), L.s2.data(), C);
+    } else {
+      for (int i = 0; i < nr; ++i) {
+        channel_block<1, W, kMask, kAbs>(rows + i, masks + i, shift, L.n.data(), L.s1.data(), L.s2.data(), C);
+      }
+    }
+    L.rows += nr;
+  }
+}
+
+#define OS_CHANNEL_ENTRY(NAME, IN, W)                                                                       \
+  OS_CLONES void NAME(const Ctx<IN, W>& cx, ChanLane& L, const double* shift, bool absolute, int64_t r0,     \
+                      int64_t r1) {                                                                         \
+    if (cx.m) {                                                                                             \
+      absolute ? channel_pass<IN, W, true, true>(cx, L, shift, r0, r1)                                      \
+               : channel_pass<IN, W, true, false>(cx, L, shift, r0, r1);                                    \
+    } else {                                                                                                \
+      absolute ? channel_pass<IN, W, false, true>(cx, L, shift, r0, r1)                                     \
+               : channel_pass<IN, W, false, false>(cx, L, shift, r0, r1);                                   \
+    }                                                                                                       \
+  }
+OS_CHANNEL_ENTRY(channels_f32, float, float)
+OS_CHANNEL_ENTRY(channels_f64, double, double)
+OS_CHANNEL_ENTRY(channels_f16, c10::Half, float)
+OS_CHANNEL_ENTRY(channels_bf16, c10::BFloat16, float)
+#undef OS_CHANNEL_ENTRY
+
+inline void run_channels(const Ctx<float, float>& cx, ChanLane& L, const double* sh, bool a, int64_t r0, int64_t r1) {
+  channels_f32(cx, L, sh, a, r0, r1);
+}
+inline void run_channels(const Ctx<double, double>& cx, ChanLane& L, const double* sh, bool a, int64_t r0,
+                         int64_t r1) {
+  channels_f64(cx, L, sh, a, r0, r1);
+}
+inline void run_channels(const Ctx<c10::Half, float>& cx, ChanLane& L, const double* sh, bool a, int64_t r0,
+                         int64_t r1) {
+  channels_f16(cx, L, sh, a, r0, r1);
+}
+inline void run_channels(const Ctx<c10::BFloat16, float>& cx, ChanLane& L, const double* sh, bool a, int64_t r0,
+                         int64_t r1) {
+  channels_bf16(cx, L, sh, a, r0, r1);
+}
+
+template <typename In, typename W>
+void channel_run(const Ctx<In, W>& cx, bool absolute, double* state) {
+  const int64_t C = cx.C, rows = cx.B * cx.T;
+  ChanWork& w = chan_work();
+  w.shift.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    double first = static_cast<double>(static_cast<W>(cx.x[c * cx.sc]));  // row 0 of window 0
+    first = absolute ? std::abs(first) : first;
+    const double mean = state[C + c];
+    w.shift[c] = state[c] > 0.0 && std::isfinite(mean) ? mean : (std::isfinite(first) ? first : 0.0);
+  }
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t n_lanes = std::max<int64_t>(1, std::min<int64_t>({threads, rows, (rows * C) / kLaneMin}));
+  if (static_cast<int64_t>(w.lanes.size()) < n_lanes) w.lanes.resize(n_lanes);
+  for (int64_t l = 0; l < n_lanes; ++l) {
+    ChanLane& L = w.lanes[l];
+    L.n.assign(C, 0.0);
+    L.s1.assign(C, 0.0);
+    L.s2.assign(C, 0.0);
+    if constexpr (std::is_same_v<W, double>) {
+      L.vals_d.resize(kRows * C);
+    } else {
+      L.vals_f.resize(kRows * C);
+    }
+    L.mrows.resize(kRows * C);
+    L.rows = 0;
+  }
+  auto body = [&](int64_t l) {
+    run_channels(cx, w.lanes[l], w.shift.data(), absolute, rows * l / n_lanes, rows * (l + 1) / n_lanes);
+  };
+  if (n_lanes == 1) {
+    body(0);
+  } else {
+    at::parallel_for(0, n_lanes, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t l = lo; l < hi; ++l) body(l);
+    });
+  }
+  w.upd.assign(3 * C, 0.0);
+  double* upd = w.upd.data();
+  for (int64_t c = 0; c < C; ++c) {
+    double n = 0.0, s1 = 0.0, s2 = 0.0;
+    for (int64_t l = 0; l < n_lanes; ++l) {
+      const ChanLane& L = w.lanes[l];
+      n += cx.m ? L.n[c] : static_cast<double>(L.rows);
+      s1 += L.s1[c];
+      s2 += L.s2[c];
+    }
+    upd[c] = n;
+    upd[C + c] = n > 0.0 ? w.shift[c] + s1 / n : 0.0;
+    upd[2 * C + c] = n > 0.0 ? std::max(s2 - s1 * s1 / n, 0.0) : 0.0;
+  }
+  merge_channels(state, upd, C, false);
+}
+
+// Merges the per-channel (count, mean, M2) of a (B, T, C) tensor (of |a| with `absolute`; entries where
+// `valid` is false left out) into state (3, C).
+void channel_update(const at::Tensor& x, const c10::optional<at::Tensor>& valid, bool absolute, at::Tensor state) {
+  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(), "fused: expected a (B, T, C) CPU tensor");
+  TORCH_CHECK(!valid.has_value() || (valid->scalar_type() == at::kBool && valid->sizes() == x.sizes()),
+              "fused: the mask must be a bool tensor of the input's shape");
+  TORCH_CHECK(state.scalar_type() == at::kDouble && state.is_contiguous() && state.numel() == 3 * x.size(2),
+              "fused: channel state");
+  if (x.numel() == 0) return;
+  double* st = state.data_ptr<double>();
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      channel_run(context<float, float>(x, valid), absolute, st);
+      break;
+    case at::kDouble:
+      channel_run(context<double, double>(x, valid), absolute, st);
+      break;
+    case at::kHalf:
+      channel_run(context<c10::Half, float>(x, valid), absolute, st);
+      break;
+    case at::kBFloat16:
+      channel_run(context<c10::BFloat16, float>(x, valid), absolute, st);
+      break;
+    default:
+      TORCH_CHECK(false, "fused: unsupported dtype ", x.scalar_type());
+  }
+}
+
 // Frees this thread's workspace (the buffers grow to the largest tap seen and are otherwise kept).
 void release() {
   workspace<float>() = Workspace<float>();
   workspace<double>() = Workspace<double>();
+  chan_work() = ChanWork();
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("update", &update, "the statistics of one (B, T, C) update (see fused.cpp)");
+  m.def("channel_update", &channel_update, "merge a (B, T, C) tensor's per-channel moments (see fused.cpp)");
   m.def("release", &release, "free this thread's workspace");
   m.attr("STATE_SIZE") = static_cast<int64_t>(kStateSize);
 }
