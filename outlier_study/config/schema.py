@@ -177,8 +177,9 @@ class RootConfig:
     progress: bool = opt(True, "progress bars over windows")
     reducer: ReducerKind = opt(
         ReducerKind.auto,
-        "profile statistics: fused (one compiled pass; CPU) | reference (torch/numpy) | device (no host "
-        "sync per hook; GPUs) | auto (fused on CPU, device elsewhere); the same statistics",
+        "profile statistics, full and per-channel (CO): fused (one compiled pass; CPU) | reference "
+        "(torch/numpy) | device (no host sync per hook; GPUs) | auto (fused on CPU, device elsewhere); the "
+        "same statistics",
     )
     reuse_models: int = opt(
         1, "models kept in memory for the next job of an in-process sweep (0 = never)", ge=0
