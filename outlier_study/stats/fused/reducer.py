@@ -23,8 +23,9 @@ from outlier_study.stats.moments import EMPTY_MOMENTS
 from outlier_study.stats.tapstats import TapState, TapStats
 
 _NATIVE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # read by the kernel as they are
-# Slots of the kernel's running state (fused.cpp, `State`).
-_N, _NAN, _INF, _GOOD, _MA, _MISSES, _MAX_ABS, _SPREAD, _FALLBACKS, _HINT = 0, 5, 6, 7, 8, 9, 10, 11, 12, 13
+# Slots of the kernel's running state (fused.cpp, `State`) after the first nine: n, mean, M2, M3, M4, nan,
+# inf, valid finite and MA counts (read in order by `result`).
+_MISSES, _MAX_ABS, _SPREAD, _FALLBACKS, _HINT = 9, 10, 11, 12, 13
 
 
 class FusedReducer(TapState):
