@@ -68,7 +68,8 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> Path:
         plan = check_for_model(cfg, arch)
         text = load_corpus(cfg.dataset)
         tokenizer = MODELS.tokenizer(cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache, cfg.execution)
-        windows = build_windows(cfg.dataset, tokenizer, text)  # a corpus too short fails before the weights
+        # a corpus too short fails here, before the weights are read
+        windows = build_windows(cfg.dataset, tokenizer, text, cfg.paths.token_cache)
         tasks = prepare_tasks(cfg.eval) if cfg.eval.tasks else None  # lm-eval's task data, before them too
         torch.manual_seed(cfg.seed)
         where = (cfg.model, cfg.dtype, cfg.device, cfg.paths.model_cache)

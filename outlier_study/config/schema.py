@@ -144,6 +144,11 @@ class PathsConfig:
         "${oc.env:OUTLIER_STUDY_CACHE,${oc.env:HOME}/.cache/outlier-study}/models",
         "converted GGUF models (safetensors); the OUTLIER_STUDY_CACHE environment variable moves it",
     )
+    token_cache: str | None = opt(
+        "${oc.env:OUTLIER_STUDY_CACHE,${oc.env:HOME}/.cache/outlier-study}/tokens",
+        "tokenized corpora, named by the text's and the tokenizer's sha256, so the jobs of a sweep tokenize "
+        "a corpus once; null: tokenize in every job",
+    )
 
 
 @dataclass

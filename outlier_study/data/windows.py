@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from outlier_study.data.corpus import load_corpus
+from outlier_study.data.token_cache import cache_file, read_ids, write_ids
 from outlier_study.errors import ConfigError, require
 
 
@@ -23,20 +25,22 @@ class Windows:
     corpus_ids: torch.Tensor  # the whole tokenized corpus, so calibration windows come from the same text
 
 
-# The last tokenization, reused while the same tokenizer object sees the same text again: the jobs of an
-# in-process sweep share one reused model (models/reuse.py) and would otherwise re-tokenize the corpus each.
-_last: tuple[Any, int, str, torch.Tensor] | None = None
+def corpus_sha256(text: str) -> str:
+    """What the protocol records of the text, and half of a cached tokenization's name."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def tokenize_corpus(text: str, tokenizer: Any) -> torch.Tensor:
-    """The tokenizer's own ids for the whole text at once (no chunking that could change merges)."""
-    global _last
-    if _last is not None and _last[0] is tokenizer and _last[1] == hash(text) and _last[2] == text:
-        return _last[3]
-    # verbose=False: the corpus is longer than model_max_length by design; windows cut it later.
-    encoded = tokenizer(text, add_special_tokens=False, verbose=False, return_attention_mask=False)
-    ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
-    _last = (tokenizer, hash(text), text, ids)
+def tokenize_corpus(text: str, tokenizer: Any, cache_dir: str | Path | None = None) -> torch.Tensor:
+    """The tokenizer's own ids for the whole text at once (no chunking that could change merges); with
+    `cache_dir` (paths.token_cache), read from and kept in the on-disk cache of tokenized corpora."""
+    path = None if cache_dir is None else cache_file(cache_dir, corpus_sha256(text), tokenizer)
+    ids = None if path is None else read_ids(path)
+    if ids is None:
+        # verbose=False: the corpus is longer than model_max_length by design; windows cut it later.
+        encoded = tokenizer(text, add_special_tokens=False, verbose=False, return_attention_mask=False)
+        ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
+        if path is not None:
+            write_ids(path, ids)
     return ids
 
 
@@ -72,9 +76,11 @@ def make_windows(
     return rows, starts
 
 
-def build_windows(cfg: Any, tokenizer: Any, text: str | None = None) -> Windows:
-    """Tokenize the corpus text (read from the dataset config when not given) and cut the windows the
-    dataset config (already validated) asks for."""
+def build_windows(
+    cfg: Any, tokenizer: Any, text: str | None = None, token_cache: str | Path | None = None
+) -> Windows:
+    """Tokenize the corpus text (read from the dataset config when not given; through the on-disk cache
+    `token_cache` when given) and cut the windows the dataset config (already validated) asks for."""
     if text is None:
         text = load_corpus(cfg)
     seq_len, n_windows = int(cfg.seq_len), int(cfg.n_windows)
@@ -86,7 +92,7 @@ def build_windows(cfg: Any, tokenizer: Any, text: str | None = None) -> Windows:
             raise ConfigError(
                 "dataset.bos", "'prepend' needs a tokenizer with a BOS token; this one has none", ["none"]
             )
-    ids = tokenize_corpus(text, tokenizer)
+    ids = tokenize_corpus(text, tokenizer, token_cache)
     seed = int(cfg.seed)
     input_ids, starts = make_windows(ids, seq_len, n_windows, str(cfg.sampling), seed, bos_id)
     protocol: dict[str, Any] = {
@@ -104,7 +110,7 @@ def build_windows(cfg: Any, tokenizer: Any, text: str | None = None) -> Windows:
         "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
         "n_corpus_tokens": int(ids.numel()),
         "n_corpus_chars": len(text),
-        "corpus_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "corpus_sha256": corpus_sha256(text),
     }
     return Windows(input_ids=input_ids, starts=starts, protocol=protocol, corpus_ids=ids)
 

@@ -82,7 +82,7 @@ class ModelReuse:
         self, model_cfg: Any, dtype: str, device: str, cache_root: str | Path, execution: str = "memory"
     ) -> Any:
         """The tokenizer of the stored model, else one loaded on its own (no weights): a sweep's jobs share
-        one tokenizer object, so the corpus is tokenized once."""
+        one tokenizer object instead of loading it per job."""
         entry = self._entries.get(self.key(model_cfg, dtype, device, execution))
         return entry.lm.tokenizer if entry is not None else load_tokenizer(model_cfg, cache_root)
 

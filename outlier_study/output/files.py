@@ -22,7 +22,8 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write through a temporary file and a rename, so a reader never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -47,11 +48,11 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     text = json.dumps(
         payload, indent=2, default=lambda o: _jsonable(o) if not isinstance(o, Path) else str(o)
     )
-    _atomic_bytes(path, (text + "\n").encode())
+    write_bytes(path, (text + "\n").encode())
 
 
 def write_text(path: Path, text: str) -> None:
-    _atomic_bytes(path, text.encode())
+    write_bytes(path, text.encode())
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
@@ -59,7 +60,7 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) 
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    _atomic_bytes(path, buf.getvalue().encode())
+    write_bytes(path, buf.getvalue().encode())
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -70,11 +71,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    _atomic_bytes(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
 
 
 def write_figure(path: Path, fig: Any) -> None:
     """Render a matplotlib Figure to PNG atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_bytes(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
