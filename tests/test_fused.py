@@ -396,3 +396,74 @@ def test_profile_channels_same_summaries_with_either_reducer(kernel: ModuleType,
         np.testing.assert_array_equal(got.count, want.count)
         np.testing.assert_allclose(got.mean, want.mean, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got.std, want.std, rtol=1e-4, atol=1e-6)
+
+
+# --- the MA scan of the intervention hooks ----------------------------------------------------------------
+
+
+def ma_cases(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Tensors for the MA rule in `dtype`: planted MAs, elements exactly at and one step below ratio × median
+    (the real product, not one rounded to the dtype), MAs in one window only, ties, 2-D and 4-D shapes."""
+    g = torch.Generator().manual_seed(11)
+    planted = torch.randn(3, 64, 48, generator=g)
+    planted[0, 5, 7], planted[2, 0, 1], planted[2, 63, 47] = 2000.0, -3500.0, 150.0
+    planted = planted.to(dtype)
+    boundary = torch.randn(2, 33, 16, generator=g).to(dtype)
+    for b in range(2):
+        median = float(boundary[b].abs().reshape(-1).median())
+        at = torch.tensor(1000.0 * median, dtype=torch.float64)
+        up = at.to(dtype)  # the product rounded to the dtype, up: massive
+        if float(up) < float(at):
+            up = torch.nextafter(up, torch.tensor(math.inf, dtype=dtype))
+        below = torch.nextafter(up, torch.tensor(0.0, dtype=dtype))  # under the real product: not massive
+        # Entries already above the median, so the median stays where it was.
+        (t0, c0), (t1, c1), (t2, c2) = (boundary[b].abs() > median).nonzero()[:3].tolist()
+        boundary[b, t0, c0], boundary[b, t1, c1], boundary[b, t2, c2] = 10 * up, -up, below
+    one_window = torch.randn(4, 16, 32, generator=g).to(dtype)
+    one_window[3, 8, 8] = 1e4
+    ties = torch.zeros(2, 40, 20, dtype=dtype)
+    ties[0, 0, 0], ties[1, :20] = 500.0, 1.0
+    return [planted, boundary, one_window, ties, planted.reshape(3, -1), planted.reshape(3, 8, 8, 48)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_ma_scan_gives_the_reference_medians_count_and_mask(kernel: ModuleType, dtype: torch.dtype) -> None:
+    """The kernel's medians and MA count are the reference's, and `masked` (which uses them) gives the MA
+    rule's mask: per element, |a| > ma_abs and |a| >= ratio × median in float64, as on Python floats."""
+    from outlier_study.stats.fused.scan import fused_ma_scan
+    from outlier_study.stats.massive import is_massive, masked, window_medians
+
+    for i, x in enumerate(ma_cases(dtype)):
+        scan = fused_ma_scan(x, 100.0, 1000.0)
+        assert scan is not None, i
+        medians = window_medians(x.abs()).double()
+        torch.testing.assert_close(scan.medians, medians, rtol=0, atol=0)
+        flat = x.abs().double().reshape(x.shape[0], -1)
+        rule = torch.stack(
+            [
+                torch.tensor([bool(is_massive(float(v), float(m), 100.0, 1000.0)) for v in row])
+                for row, m in zip(flat, medians, strict=True)
+            ]
+        ).view(x.shape)
+        assert scan.ma_count == int(rule.sum()), i
+        got = masked(x, 100.0, 1000.0)
+        assert torch.equal(got if got is not None else torch.zeros_like(rule), rule), i
+    boundary = ma_cases(dtype)[1]
+    assert int(masked(boundary, 100.0, 1000.0).sum()) == 4  # the two planted per window, not the one below
+
+
+def test_ma_scan_leaves_non_finite_and_unread_inputs_to_the_reference(kernel: ModuleType) -> None:
+    from outlier_study.stats.fused.scan import fused_ma_scan
+    from outlier_study.stats.massive import ma_mask, masked
+
+    x = torch.randn(2, 16, 8)
+    x[0, 1, 1] = 5000.0
+    for bad in (float("inf"), float("nan")):
+        y = x.clone()
+        y[1, 2, 2] = bad
+        assert fused_ma_scan(y, 100.0, 1000.0) is None
+        got, reference = masked(y, 100.0, 1000.0), ma_mask(y, 100.0, 1000.0)
+        assert got is None or torch.equal(got, reference)
+    assert fused_ma_scan(x.to(torch.int32), 100.0, 1000.0) is None
+    assert fused_ma_scan(torch.zeros(2, 0, 8), 100.0, 1000.0) is None
+    assert fused_ma_scan(x, 100.0, 1000.0) is not None

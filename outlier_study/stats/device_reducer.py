@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from outlier_study.stats.massive import ma_thresholds
 from outlier_study.stats.moments import EMPTY_MOMENTS
 from outlier_study.stats.reducers import (
     _F32_MOMENT_LIMIT,
     _INVALID,
     TapReducer,
     _fill_excluded,
-    _floor_to,
     _scratch,
     column_candidates,
     iter_chunks,
@@ -65,14 +65,6 @@ def _moment_scale(colmax: torch.Tensor) -> torch.Tensor:
     return torch.where(
         colmax > _F32_MOMENT_LIMIT, pow2, torch.ones((), dtype=colmax.dtype, device=colmax.device)
     )
-
-
-def _above(value: float, dtype: torch.dtype) -> float:
-    """The smallest `dtype` number > value, so `a >= result` equals `a > value` for `dtype` numbers (host
-    arithmetic on a config constant, no tensor involved)."""
-    np_dtype = np.dtype(np.float64 if dtype == torch.float64 else np.float32)
-    floor = np_dtype.type(_floor_to(value, np_dtype))
-    return float(np.nextafter(floor, np_dtype.type(np.inf)))
 
 
 @dataclass
@@ -206,7 +198,7 @@ class DeviceTapReducer:
         rows = a.view(bw, -1)
         median = torch.nanmedian(rows, dim=1).values  # exact lower median of the kept |a|; NaN: none
         state.medians[offset : offset + bw] = median
-        hits = (rows >= self._ma_threshold(median)[:, None]).sum()
+        hits = (rows >= ma_thresholds(median, self.ma_abs, self.ma_ratio)[:, None]).sum()
         state.counts += torch.stack([n_keep, n_nan, n_valid - n_keep - n_nan, hits])
 
         _fill_excluded(a, keep, _INVALID)
@@ -220,16 +212,6 @@ class DeviceTapReducer:
         if self.moments:
             x2, keep2 = xc.view(bw * T, C), keep.view(bw * T, C)
             groups.append(TapReducer._block_moments(x2, keep2, False, _moment_scale(colmax)))
-
-    def _ma_threshold(self, median: torch.Tensor) -> torch.Tensor:
-        """Per window the t with `|a| >= t` <=> massive (`stats.massive.is_massive`) for |a| of the data's
-        dtype: ma_ratio * median rounded up to that dtype (reducers._ceil_to's rule, on the device), at least
-        the smallest dtype number above ma_abs. A NaN median (no element) stays NaN: nothing is massive."""
-        ratio = median.to(torch.float64) * self.ma_ratio
-        thr = ratio.to(median.dtype)
-        up = torch.nextafter(thr, torch.full_like(thr, math.inf))
-        thr = torch.where(thr.to(torch.float64) < ratio, up, thr)
-        return thr.clamp(min=_above(self.ma_abs, median.dtype))
 
     def _chunk_top(
         self, xc: torch.Tensor, a: torch.Tensor, wc: torch.Tensor, first: torch.Tensor, offset: int

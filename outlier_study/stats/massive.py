@@ -7,11 +7,13 @@ tests hold equal to it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 
+from outlier_study.stats.fused.scan import fused_ma_scan
 from outlier_study.stats.selection import rank_value, use_numpy_select
 
 _RNG = np.random.default_rng(0)  # rank_value's tie probe only; medians do not depend on it
@@ -42,19 +44,37 @@ def may_hold_ma(x: torch.Tensor, ma_abs: float) -> bool:
     return bool(hi > ma_abs) or bool(lo < -ma_abs)
 
 
-def ma_mask(x: torch.Tensor, ma_abs: float, ma_ratio: float) -> torch.Tensor:
-    """The MAs of x (B, ...), each window against its own median; the median is compared in float32, so
-    half inputs are not rounded at the boundary."""
+def ma_thresholds(medians: torch.Tensor, ma_abs: float, ma_ratio: float) -> torch.Tensor:
+    """Per window the t with `|a| >= t` <=> `is_massive(|a|, median)` for every |a| of the medians' dtype:
+    ma_ratio × median in float64 rounded up to float32 (float64 for float64 medians), at least the smallest
+    such number above ma_abs. The rule is exact in real arithmetic, as on floats; a product rounded to the
+    data's dtype could admit an element an ulp below it. A nan median (no element) stays nan: none is."""
+    wide = torch.float64 if medians.dtype == torch.float64 else torch.float32
+    ratio = medians.to(torch.float64) * ma_ratio
+    thr = ratio.to(wide)
+    thr = torch.where(
+        thr.to(torch.float64) < ratio, torch.nextafter(thr, torch.full_like(thr, math.inf)), thr
+    )
+    above = (np.float64 if wide == torch.float64 else np.float32)(ma_abs)  # host arithmetic: no device read
+    if float(above) <= ma_abs:
+        above = np.nextafter(above, above.dtype.type(np.inf))
+    return thr.clamp(min=float(above))
+
+
+def ma_mask(
+    x: torch.Tensor, ma_abs: float, ma_ratio: float, medians: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The MAs of x (B, ...), each window against its own median (`window_medians` unless given)."""
     absx = x.abs()
-    median = window_medians(absx).float().view(-1, *([1] * (x.dim() - 1)))
-    return is_massive(absx, median, ma_abs, ma_ratio)
+    med = window_medians(absx) if medians is None else medians
+    return absx >= ma_thresholds(med.to(absx.device), ma_abs, ma_ratio).view(-1, *([1] * (x.dim() - 1)))
 
 
 def ma_positions(x: torch.Tensor, ma_abs: float, ma_ratio: float) -> dict[tuple[int, ...], float]:
     """Sparse MAs of x: index tuple -> signed value (empty without touching the median when none can be)."""
-    if not may_hold_ma(x, ma_abs):
+    mask = masked(x, ma_abs, ma_ratio)
+    if mask is None:
         return {}
-    mask = ma_mask(x, ma_abs, ma_ratio)
     return dict(zip(map(tuple, mask.nonzero().tolist()), x[mask].float().tolist(), strict=True))
 
 
@@ -67,6 +87,12 @@ def fill_value(x: torch.Tensor, value: str) -> torch.Tensor:
 
 
 def masked(x: torch.Tensor, ma_abs: float, ma_ratio: float) -> torch.Tensor | None:
-    """The MA mask of x, or None when no element can be one: one min/max reduction instead of a median per
-    window on every hooked tensor of every forward pass, since most hold no MA at all."""
-    return ma_mask(x, ma_abs, ma_ratio) if may_hold_ma(x, ma_abs) else None
+    """The MA mask of x, or None when it holds no MA: one min/max reduction rules out most hooked tensors;
+    on CPU the fused kernel's one pass (`fused_ma_scan`) gives the rest their medians and MA count, so only
+    a tensor that holds an MA is copied for its mask."""
+    if not may_hold_ma(x, ma_abs):
+        return None
+    scan = fused_ma_scan(x, ma_abs, ma_ratio)
+    if scan is None:
+        return ma_mask(x, ma_abs, ma_ratio)
+    return ma_mask(x, ma_abs, ma_ratio, scan.medians) if scan.ma_count else None

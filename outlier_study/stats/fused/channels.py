@@ -14,8 +14,7 @@ from types import ModuleType
 import torch
 
 from outlier_study.stats.channels import ChannelReducer
-
-_NATIVE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # read by the kernel as they are
+from outlier_study.stats.fused.reducer import NATIVE_DTYPES
 
 
 class FusedChannelReducer(ChannelReducer):
@@ -31,7 +30,7 @@ class FusedChannelReducer(ChannelReducer):
         if x.device.type != "cpu":
             raise ValueError(f"the fused reducer reads CPU tensors, got {x.device} (use reducer=reference)")
         x = x.detach()
-        if x.dtype not in _NATIVE:
+        if x.dtype not in NATIVE_DTYPES:
             x = x.float()
         mask = None if valid is None else valid.to(dtype=torch.bool).expand(x.shape)
         if x.dim() != 3:

@@ -22,10 +22,24 @@ import torch
 from outlier_study.stats.moments import EMPTY_MOMENTS
 from outlier_study.stats.tapstats import TapState, TapStats
 
-_NATIVE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # read by the kernel as they are
-# Slots of the kernel's running state (fused.cpp, `State`) after the first nine: n, mean, M2, M3, M4, nan,
-# inf, valid finite and MA counts (read in order by `result`).
-_MISSES, _MAX_ABS, _SPREAD, _FALLBACKS, _HINT = 9, 10, 11, 12, 13
+NATIVE_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+)  # read by the kernel as they are
+# Slots of the kernel's running state (fused.cpp, `State`): n, mean, M2, M3, M4, then these (read in order
+# by `result` up to the max |a|).
+NAN, INF, GOOD, MA, _MISSES, _MAX_ABS, _SPREAD, _FALLBACKS, _HINT = range(5, 14)
+
+
+def fresh_state(kernel: ModuleType) -> torch.Tensor:
+    """The kernel's running state before any update."""
+    state = torch.zeros(int(kernel.STATE_SIZE), dtype=torch.float64)
+    state[_MAX_ABS] = -1.0  # none yet
+    state[_SPREAD] = 1.0 / 16.0  # the hinted median bracket's relative half-width, adapted there
+    state[_HINT] = math.nan  # no median yet to bracket the next window's
+    return state
 
 
 class FusedReducer(TapState):
@@ -43,10 +57,7 @@ class FusedReducer(TapState):
     ) -> None:
         super().__init__(top_k, ma_abs, ma_ratio, channel_stats, moments)
         self._kernel = kernel
-        self._state = torch.zeros(int(kernel.STATE_SIZE), dtype=torch.float64)
-        self._state[_MAX_ABS] = -1.0  # none yet
-        self._state[_SPREAD] = 1.0 / 16.0  # the hinted median bracket's relative half-width, adapted there
-        self._state[_HINT] = math.nan  # no median yet to bracket the next window's
+        self._state = fresh_state(kernel)
         self._state_np = self._state.numpy()
         self._medians_buf = torch.zeros(1, dtype=torch.float64)
         self._top_buf = torch.zeros(max(top_k, 1), 5, dtype=torch.float64)
@@ -69,7 +80,7 @@ class FusedReducer(TapState):
             return
         if x.device.type != "cpu":
             raise ValueError(f"the fused reducer reads CPU tensors, got {x.device} (use reducer=reference)")
-        if x.dtype not in _NATIVE:
+        if x.dtype not in NATIVE_DTYPES:
             x = x.float()  # other float types (e.g. float8) are rare: one upcast copy
         B, T, C = x.shape
         mask = None if valid is None else valid.to(device=x.device, dtype=torch.bool).expand(B, T, C)
