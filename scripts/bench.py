@@ -423,12 +423,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         load(compose(args)[0])  # a cached load, as every job after the first GGUF conversion has
         times["cached_load"].append(time.perf_counter() - t)
         times["table2"].append(table2_seconds(args, args.out.parent))
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    cached_load_s, table2_s = med["cached_load"], med["table2"]
     for _ in range(min(args.repeats, MULTIRUN_REPEATS)):  # each takes as long as 6 evaluations
         times["evals6"].append(intervention_evaluations(lm, ids, args.batch_size))
         times["multirun"].append(multirun_seconds(args, args.out.parent))
-    evals6_s, multirun_s = statistics.median(times["evals6"]), statistics.median(times["multirun"])
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    cached_load_s, table2_s = med["cached_load"], med["table2"]
+    evals6_s, multirun_s = med["evals6"], med["multirun"]
     load_avg.append(os.getloadavg()[0])
     rss = {mode: measure_rss(args, mode) for mode in ("plain", "full")}
     lw, lw_spec = layerwise_spec(args)
