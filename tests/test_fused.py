@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -467,3 +468,16 @@ def test_ma_scan_leaves_non_finite_and_unread_inputs_to_the_reference(kernel: Mo
     assert fused_ma_scan(x.to(torch.int32), 100.0, 1000.0) is None
     assert fused_ma_scan(torch.zeros(2, 0, 8), 100.0, 1000.0) is None
     assert fused_ma_scan(x, 100.0, 1000.0) is not None
+
+
+def test_two_checkouts_keep_a_build_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's build file names the source's path, so one build folder shared by two checkouts would be
+    rebuilt on every switch between them: the path is part of the key, as the source's bytes are."""
+    key = build.build_key()
+    copy = tmp_path / "fused.cpp"
+    copy.write_bytes(build.SOURCE.read_bytes())
+    monkeypatch.setattr(build, "SOURCE", copy)
+    moved = build.build_key()
+    assert moved != key
+    copy.write_bytes(build.SOURCE.read_bytes() + b"\n// edited\n")
+    assert build.build_key() not in (key, moved)

@@ -7,11 +7,11 @@ GCC target clones (AVX-512, AVX2, baseline) chosen when the library loads, so on
 of a cluster that shares the cache folder.
 
 The build lands in `<cache>/kernels/fused-<key>` (cache: $OUTLIER_STUDY_CACHE, else
-~/.cache/outlier-study), the key hashing the source, the flags, the torch and Python versions and the
-machine type, so an edited source or another torch never loads a stale library. `make install` builds it
-(`python -m outlier_study.stats.fused build`); otherwise the first profile does (about a minute). If the
-build or the load fails, `load_kernel` says so in one warning line on stderr and returns None: the
-profile then runs the reference reducer.
+~/.cache/outlier-study), the key hashing the source and its path, the flags, the torch and Python versions
+and the machine type, so an edited source or another torch never loads a stale library. `make install`
+builds it (`python -m outlier_study.stats.fused build`); otherwise the first profile does (about a
+minute). If the build or the load fails, `load_kernel` says so in one warning line on stderr and returns
+None: the profile then runs the reference reducer.
 """
 
 from __future__ import annotations
@@ -36,9 +36,12 @@ _loaded: dict[str, ModuleType | None] = {}
 
 
 def build_key() -> str:
-    """What the binary depends on: source, flags, torch, Python and the machine type."""
+    """What the binary depends on: source, flags, torch, Python and the machine type; and where the source
+    lies, since torch's build file names it: two checkouts sharing one cache would otherwise rebuild each
+    other's kernel on every switch (a minute each time, and two builds could race in one folder)."""
     h = hashlib.sha256(SOURCE.read_bytes())
-    for part in (*CFLAGS, *LDFLAGS, torch.__version__, sys.version, platform.machine()):
+    where = str(SOURCE.resolve())
+    for part in (where, *CFLAGS, *LDFLAGS, torch.__version__, sys.version, platform.machine()):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
