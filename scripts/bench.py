@@ -25,10 +25,13 @@ Table 2 job, plain, ...) to damp noise on small machines (the min/min ratio and 
 too). Each Table 2 job starts as a fresh job of a sweep would: no model kept from the one before, the
 converted model and the tokenized corpus read from their caches (`paths.model_cache`, `paths.token_cache`),
 which `make bench` fills before timing. The 6-job multirun and its 6 direct evaluations alternate 3 times
-(median), each multirun a fresh sweep whose first job loads the model. Peak RSS comes from two fresh
-child processes of this script (`--mode plain|full`), each loading the same model: the peak after the load
-(VmHWM reset right after it; the load's own peak would otherwise dominate both) or, where Linux cannot reset
-it, the peak over the whole life. Missing a goal is reported, not an error (exit 0).
+(median), each multirun a fresh sweep whose first job loads the model. Peak RSS comes from fresh child
+processes of this script (`--mode plain|full`, 3 of each, alternating), each loading the same model: the
+peak after the load (VmHWM reset right after it; the load's own peak would otherwise dominate both) or,
+where Linux cannot reset it, the peak over the whole life. The row is the ratio of the median peaks; its
+context lists each full child and the max/median ratio, since under glibc's malloc one full-profile process
+in three or so keeps 100-370 MB of freed heap (which one depends on the address layout; see
+docs/development.md). Missing a goal is reported, not an error (exit 0).
 
 Layerwise (`execution=layerwise`, one decoder layer resident at a time) is measured by two more children:
 `--mode memory` (the in-memory model) and `--mode layerwise` run all windows through `forward_windows`
@@ -45,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -140,6 +144,7 @@ def table2_seconds(args: argparse.Namespace, out_dir: Path) -> float:
     return time.perf_counter() - t
 
 
+RSS_CHILDREN = 3  # fresh plain / full child pairs: the row is the median peak of each mode
 MULTIRUN_REPEATS = 3  # alternations of (6 direct evaluations, the 6-job multirun): a minute each
 # The 6 jobs of the multirun measure: MAs at y6 / y7 / x9 replaced by the mean or zero.
 MULTIRUN = [
@@ -276,6 +281,16 @@ def hwm_kib() -> int | None:
     return status_kib("VmHWM")
 
 
+def allocator() -> str:
+    """The malloc this process runs on: a preloaded jemalloc or tcmalloc where one is mapped, else glibc."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    found = re.search(r"lib(jemalloc|tcmalloc)[^/\s]*$", maps, re.MULTILINE)
+    return found.group(1) if found else "glibc"
+
+
 def child(args: argparse.Namespace) -> None:
     """One fresh process: load, one plain warm-up pass, one `args.mode` pass; print its peak RSS as JSON.
 
@@ -291,7 +306,7 @@ def child(args: argparse.Namespace) -> None:
     run[args.mode]()
     peak_after_load = hwm_kib() if has_hwm else None
     out = {"mode": args.mode, "peak_kib": max(after_load, peak_rss_kib()), "load_peak_kib": after_load}
-    print(json.dumps(out | {"peak_after_load_kib": peak_after_load}))
+    print(json.dumps(out | {"peak_after_load_kib": peak_after_load, "allocator": allocator()}))
 
 
 def execution_child(args: argparse.Namespace) -> None:
@@ -430,13 +445,17 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     cached_load_s, table2_s = med["cached_load"], med["table2"]
     evals6_s, multirun_s = med["evals6"], med["multirun"]
     load_avg.append(os.getloadavg()[0])
-    rss = {mode: measure_rss(args, mode) for mode in ("plain", "full")}
+    rss: dict[str, list[dict[str, Any]]] = {"plain": [], "full": []}
+    for _ in range(RSS_CHILDREN):  # alternating: one child's peak is one draw of the allocator's layout
+        for mode, children in rss.items():
+            children.append(measure_rss(args, mode))
     lw, lw_spec = layerwise_spec(args)
 
-    after_load = all(r["peak_after_load_kib"] for r in rss.values())
+    after_load = all(r["peak_after_load_kib"] for runs in rss.values() for r in runs)
     rss_key = "peak_after_load_kib" if after_load else "peak_kib"
-    mib = {m: r[rss_key] / 1024 for m, r in rss.items()}
-    life = {m: r["peak_kib"] / 1024 for m, r in rss.items()}
+    peaks = {m: [r[rss_key] / 1024 for r in runs] for m, runs in rss.items()}
+    mib = {m: statistics.median(p) for m, p in peaks.items()}
+    life = {m: statistics.median(r["peak_kib"] / 1024 for r in runs) for m, runs in rss.items()}
     spec = [  # (measure, key, numerator, denominator, context)
         ("full profile time / plain", "full_time", med["full"], med["plain"], "{:.3f}s vs {:.3f}s"),
         ("MA profile time / plain", "ma_time", med["ma"], med["plain"], "{:.3f}s vs {:.3f}s"),
@@ -504,10 +523,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     multirun_row = next(r for r in rows if r["key"] == "multirun_time")
     multirun_row["ratio_min"] = min(times["multirun"]) / (min(times["cached_load"]) + min(times["evals6"]))
     multirun_row["context"] += f" (min/min {multirun_row['ratio_min']:.2f})"
+    rss_row = next(r for r in rows if r["key"] == "full_peak_rss")
+    rss_row["ratio_max"] = max(peaks["full"]) / mib["plain"]
+    each = ", ".join(f"{p:.0f}" for p in peaks["full"])
+    rss_row["context"] += f" (full children {each}; max/median {rss_row['ratio_max']:.2f})"
     if after_load:
-        next(r for r in rows if r["key"] == "full_peak_rss")["context"] += (
-            f" (peak incl. load: {life['full']:.0f} vs {life['plain']:.0f} MiB)"
-        )
+        rss_row["context"] += f" (peak incl. load: {life['full']:.0f} vs {life['plain']:.0f} MiB)"
     return {
         "model": args.model,
         "dataset": note,
@@ -526,6 +547,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "times_s": times,
         "median_s": med,
         "rss_kib": rss,
+        "allocator": rss["full"][0].get("allocator", "unknown"),
         "layerwise_kib": lw,
     }
 
@@ -534,7 +556,7 @@ def show(result: dict[str, Any]) -> None:
     print(
         f"model {result['model']}, {result['windows']} x {result['seq_len']} tokens, "
         f"batch {result['batch_size']}, median of {result['repeats']}, {result['torch_threads']} threads, "
-        f"reducer {result['reducer']}"
+        f"reducer {result['reducer']}, malloc {result.get('allocator', 'unknown')}"
     )
     print(f"data  {result['dataset']}")
     before, after = result["load_avg_1m"]
