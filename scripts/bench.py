@@ -29,9 +29,9 @@ which `make bench` fills before timing. The 6-job multirun and its 6 direct eval
 processes of this script (`--mode plain|full`, 3 of each, alternating), each loading the same model: the
 peak after the load (VmHWM reset right after it; the load's own peak would otherwise dominate both) or,
 where Linux cannot reset it, the peak over the whole life. The row is the ratio of the median peaks; its
-context lists each full child and the max/median ratio, since under glibc's malloc one full-profile process
-in three or so keeps 100-370 MB of freed heap (which one depends on the address layout; see
-docs/development.md). Missing a goal is reported, not an error (exit 0).
+context lists each full child and the ratio of the largest full peak to the median plain one, since under
+glibc's malloc about one full-profile process in four keeps 120-360 MiB of freed heap (which one depends on
+the address layout; see docs/development.md). Missing a goal is reported, not an error (exit 0).
 
 Layerwise (`execution=layerwise`, one decoder layer resident at a time) is measured by two more children:
 `--mode memory` (the in-memory model) and `--mode layerwise` run all windows through `forward_windows`
@@ -526,7 +526,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     rss_row = next(r for r in rows if r["key"] == "full_peak_rss")
     rss_row["ratio_max"] = max(peaks["full"]) / mib["plain"]
     each = ", ".join(f"{p:.0f}" for p in peaks["full"])
-    rss_row["context"] += f" (full children {each}; max/median {rss_row['ratio_max']:.2f})"
+    rss_row["context"] += f" (full children {each}; largest / plain {rss_row['ratio_max']:.2f})"
     if after_load:
         rss_row["context"] += f" (peak incl. load: {life['full']:.0f} vs {life['plain']:.0f} MiB)"
     return {
