@@ -514,16 +514,19 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         *lw_spec,
     ]
     rows = as_rows(spec)
-    for row, name in zip(rows, ("full", "ma", "co"), strict=False):  # min/min is robust to other load
-        row["ratio_min"] = min(times[name]) / min(times["plain"])
-        row["context"] += f" (min/min {row['ratio_min']:.2f})"
-    table2_row = next(r for r in rows if r["key"] == "table2_time")
-    table2_row["ratio_min"] = min(times["table2"]) / (min(times["cached_load"]) + 5 * min(times["ppl"]))
-    table2_row["context"] += f" (min/min {table2_row['ratio_min']:.2f})"
-    multirun_row = next(r for r in rows if r["key"] == "multirun_time")
-    multirun_row["ratio_min"] = min(times["multirun"]) / (min(times["cached_load"]) + min(times["evals6"]))
-    multirun_row["context"] += f" (min/min {multirun_row['ratio_min']:.2f})"
-    rss_row = next(r for r in rows if r["key"] == "full_peak_rss")
+    by_key = {r["key"]: r for r in rows}
+    least = {name: min(ts) for name, ts in times.items()}  # min/min is robust to other load
+    min_ratios = {
+        "full_time": least["full"] / least["plain"],
+        "ma_time": least["ma"] / least["plain"],
+        "co_time": least["co"] / least["plain"],
+        "table2_time": least["table2"] / (least["cached_load"] + 5 * least["ppl"]),
+        "multirun_time": least["multirun"] / (least["cached_load"] + least["evals6"]),
+    }
+    for key, ratio in min_ratios.items():
+        by_key[key]["ratio_min"] = ratio
+        by_key[key]["context"] += f" (min/min {ratio:.2f})"
+    rss_row = by_key["full_peak_rss"]
     rss_row["ratio_max"] = max(peaks["full"]) / mib["plain"]
     each = ", ".join(f"{p:.0f}" for p in peaks["full"])
     rss_row["context"] += f" (full children {each}; largest / plain {rss_row['ratio_max']:.2f})"

@@ -16,6 +16,9 @@ import torch
 from outlier_study.stats.fused.build import load_kernel
 from outlier_study.stats.fused.reducer import INF, MA, NAN, NATIVE_DTYPES, fresh_state
 
+_NO_TOP = torch.zeros(1, 5, dtype=torch.float64)  # the scan asks for no top-k ...
+_NO_CHANNELS = torch.zeros(0, dtype=torch.float64)  # ... and no channel statistics
+
 
 @dataclass(frozen=True)
 class MAScan:
@@ -42,7 +45,3 @@ def fused_ma_scan(x: torch.Tensor, ma_abs: float, ma_ratio: float) -> MAScan | N
     if state[NAN] or state[INF]:
         return None
     return MAScan(medians, int(state[MA]))
-
-
-_NO_TOP = torch.zeros(1, 5, dtype=torch.float64)
-_NO_CHANNELS = torch.zeros(0, dtype=torch.float64)
