@@ -660,7 +660,7 @@ inline void offer(std::vector<TopRow>& keep, int64_t k, const TopRow& row) {
 }
 
 struct Options {
-  double ma_abs, ma_ratio, hint, spread, top_floor;
+  double ma_abs, ma_ratio, hint, spread;
   int64_t top_k, offset;
   bool moments, channels;
 };
@@ -708,7 +708,9 @@ void run(const Ctx<In, W>& cx0, const Options& opt, double* medians, Totals& tot
   cx.ma_lo = ma_floor < W(0) ? Key(0) : key_of(ma_floor) + 1;
   cx.ma_span = kInf > cx.ma_lo ? kInf - cx.ma_lo : Key(0);
   cx.wide = key_of(static_cast<W>(kWide));
-  const Key top_floor = opt.top_floor >= 0.0 ? key_of(static_cast<W>(opt.top_floor)) : Key(0);
+  // Only entries that reach the running top-k's last |a| can enter it (ties: `before` decides).
+  const auto full = static_cast<int64_t>(top.size()) == opt.top_k;
+  const Key top_floor = full && opt.top_k > 0 ? static_cast<Key>(top.back().key) : Key(0);
   const Pass main = opt.moments ? Pass::kMain : Pass::kMainNoMoments;
   double hint = opt.hint;
   double spread = std::clamp(opt.spread, kSpreadMin, kSpreadMax);
@@ -857,7 +859,8 @@ void run(const Ctx<In, W>& cx0, const Options& opt, double* medians, Totals& tot
         for (int64_t t = 0; t < T; ++t) {
           W v;
           if (entry(cx, b, t, c, v) && key_of(v) >= thr) {
-            offer(keep, opt.top_k, TopRow{static_cast<uint64_t>(key_of(v)), b, t, c, static_cast<double>(v)});
+            offer(keep, opt.top_k,
+                  TopRow{static_cast<uint64_t>(key_of(v)), opt.offset + b, t, c, static_cast<double>(v)});
           }
         }
       }
@@ -989,7 +992,7 @@ void merge_channels(double* a, const double* b, int64_t C, bool absmax) {
   }
 }
 
-// The running state of a tap (float64, `state`), which each update adds to:
+// The running state of a tap (float64, `state`): what the caller sets once, then what each update adds to.
 enum State : int64_t {
   kN, kMean, kM2, kM3, kM4,  // central moments of every valid finite entry (n = 0: none yet)
   kNan, kInfs, kGood, kMa,   // counts: nan, +-inf, valid finite entries, massive activations
@@ -998,56 +1001,72 @@ enum State : int64_t {
   kSpread,                   // the hinted bracket's relative half-width (adapted here)
   kFallbacks,                // windows whose median needed the histogram passes
   kHint,                     // the last window median (nan: none yet): brackets the next one
+  kTopCount,                 // rows of the running top-k held in `top`
+  kChannels,                 // C of every update (0: none yet; the caller sets it at the first)
+  kMaAbs, kMaRatio,          // the MA rule
+  kTopK,                     // k of the top-k (0: none kept)
+  kMoments,                  // 1: moments (global, and per channel with kChannelStats) are taken
+  kChannelStats,
   kStateSize
 };
 
-// One update of a tap's running statistics from a (B, T, C) tensor: `state` (kStateSize, see State) and,
-// with `channels`, ch (4, C): count, mean, M2 and |a| max (-1: none) per channel are merged in place;
-// medians[0:B] gets each window's median (nan: no valid element); top (k, 5) this update's top-k
-// candidates (|a|, value, window, token, channel), whose row count is returned (the caller keeps the
-// running top-k, entries above `top_floor` only).
-int64_t update(const at::Tensor& x, const c10::optional<at::Tensor>& valid, int64_t offset, double ma_abs,
-               double ma_ratio, int64_t top_k, bool moments, bool channels, double top_floor,
-               at::Tensor state, at::Tensor medians, at::Tensor top, at::Tensor ch) {
-  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(), "fused: expected a (B, T, C) CPU tensor");
-  TORCH_CHECK(!valid.has_value() || (valid->scalar_type() == at::kBool && valid->sizes() == x.sizes()),
-              "fused: the mask must be a bool tensor of the input's shape");
+// Whether `update` reads x as it is: a non-empty (B, T, C) CPU tensor of a type it reads, with the tap's
+// channel count, and a mask that is None or a bool tensor of x's shape. Anything else (a tap's first
+// update included) the caller checks, converts and hands back.
+bool takes(const at::Tensor& x, const c10::optional<at::Tensor>& valid, const double* st) {
+  if (x.dim() != 3 || !x.device().is_cpu() || x.numel() == 0) return false;
+  const auto dt = x.scalar_type();
+  if (dt != at::kFloat && dt != at::kDouble && dt != at::kHalf && dt != at::kBFloat16) return false;
+  if (static_cast<double>(x.size(2)) != st[kChannels]) return false;
+  return !valid.has_value() || (valid->scalar_type() == at::kBool && valid->sizes() == x.sizes());
+}
+
+// One update of a tap's running statistics from a (B, T, C) tensor, `offset` the global index of its first
+// window: merges into `state` (kStateSize, see State), the running top-k `top` (k, 5: |a|, value, window,
+// token, channel; the first state[kTopCount] rows held, in `before` order) and, with channel statistics,
+// ch (4, C: count, mean, M2 and |a| max (-1: none) per channel). Returns each window's median |a| (nan: no
+// valid element) as a list, or None when `takes` does not (nothing is read or changed then).
+py::object update(const at::Tensor& x, const c10::optional<at::Tensor>& valid, int64_t offset, at::Tensor state,
+                  at::Tensor top, at::Tensor ch) {
   TORCH_CHECK(state.scalar_type() == at::kDouble && state.is_contiguous() && state.numel() == kStateSize,
               "fused: state");
-  TORCH_CHECK(medians.scalar_type() == at::kDouble && medians.numel() >= x.size(0), "fused: medians");
+  double* st = state.data_ptr<double>();
+  if (!takes(x, valid, st)) return py::none();
+  const auto top_k = static_cast<int64_t>(st[kTopK]);
+  const bool moments = st[kMoments] != 0.0, channels = moments && st[kChannelStats] != 0.0;
   TORCH_CHECK(top.scalar_type() == at::kDouble && top.is_contiguous() && top.numel() >= 5 * top_k, "fused: top");
   TORCH_CHECK(!channels || (ch.scalar_type() == at::kDouble && ch.is_contiguous() && ch.numel() == 4 * x.size(2)),
               "fused: ch");
-  double* st = state.data_ptr<double>();
-  Options opt{ma_abs, ma_ratio, st[kHint], st[kSpread], top_floor, top_k, offset, moments, moments && channels};
+  Options opt{st[kMaAbs], st[kMaRatio], st[kHint], st[kSpread], top_k, offset, moments, channels};
   double g[7] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
   static thread_local std::vector<double> upd_ch;  // this update's per-channel statistics
-  if (opt.channels) upd_ch.assign(4 * x.size(2), 0.0);
+  if (channels) upd_ch.assign(4 * x.size(2), 0.0);
   Totals tot;
   tot.spread = st[kSpread];
   tot.hint = st[kHint];
-  std::vector<TopRow> rows;
-  double* med = medians.data_ptr<double>();
-  double* chp = opt.channels ? upd_ch.data() : nullptr;
-  if (x.numel() == 0) {
-    for (int64_t b = 0; b < x.size(0); ++b) med[b] = std::numeric_limits<double>::quiet_NaN();
-  } else {
-    switch (x.scalar_type()) {
-      case at::kFloat:
-        run(context<float, float>(x, valid), opt, med, tot, rows, chp, g);
-        break;
-      case at::kDouble:
-        run(context<double, double>(x, valid), opt, med, tot, rows, chp, g);
-        break;
-      case at::kHalf:
-        run(context<c10::Half, float>(x, valid), opt, med, tot, rows, chp, g);
-        break;
-      case at::kBFloat16:
-        run(context<c10::BFloat16, float>(x, valid), opt, med, tot, rows, chp, g);
-        break;
-      default:
-        TORCH_CHECK(false, "fused: unsupported dtype ", x.scalar_type());
-    }
+  const bool wide = x.scalar_type() == at::kDouble;
+  double* tp = top.data_ptr<double>();
+  std::vector<TopRow> rows;  // the running top-k, then merged with this update's candidates
+  for (int64_t i = 0; i < static_cast<int64_t>(st[kTopCount]); ++i) {
+    const double* r = tp + 5 * i;
+    const uint64_t key = wide ? key_of<double>(r[0]) : key_of<float>(static_cast<float>(r[0]));
+    rows.push_back(TopRow{key, static_cast<int64_t>(r[2]), static_cast<int64_t>(r[3]), static_cast<int64_t>(r[4]),
+                          r[1]});
+  }
+  std::vector<double> med(x.size(0));  // each window's median
+  double* chp = channels ? upd_ch.data() : nullptr;
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      run(context<float, float>(x, valid), opt, med.data(), tot, rows, chp, g);
+      break;
+    case at::kDouble:
+      run(context<double, double>(x, valid), opt, med.data(), tot, rows, chp, g);
+      break;
+    case at::kHalf:
+      run(context<c10::Half, float>(x, valid), opt, med.data(), tot, rows, chp, g);
+      break;
+    default:
+      run(context<c10::BFloat16, float>(x, valid), opt, med.data(), tot, rows, chp, g);
   }
   merge_moments(st, g);
   st[kNan] += g[5];
@@ -1059,18 +1078,19 @@ int64_t update(const at::Tensor& x, const c10::optional<at::Tensor>& valid, int6
   st[kSpread] = tot.spread;
   st[kFallbacks] += static_cast<double>(tot.fallbacks);
   st[kHint] = tot.hint;
-  if (opt.channels && x.numel() > 0) merge_channels(ch.data_ptr<double>(), upd_ch.data(), x.size(2), true);
-  double* tp = top.data_ptr<double>();
-  const bool wide = x.scalar_type() == at::kDouble;
+  if (channels) merge_channels(ch.data_ptr<double>(), upd_ch.data(), x.size(2), true);
   for (size_t i = 0; i < rows.size(); ++i) {
     const TopRow& r = rows[i];
     tp[5 * i] = wide ? value_of<double>(r.key) : static_cast<double>(value_of<float>(static_cast<uint32_t>(r.key)));
     tp[5 * i + 1] = r.value;
-    tp[5 * i + 2] = static_cast<double>(offset + r.b);
+    tp[5 * i + 2] = static_cast<double>(r.b);
     tp[5 * i + 3] = static_cast<double>(r.t);
     tp[5 * i + 4] = static_cast<double>(r.c);
   }
-  return static_cast<int64_t>(rows.size());
+  st[kTopCount] = static_cast<double>(rows.size());
+  py::list medians(med.size());
+  for (size_t b = 0; b < med.size(); ++b) medians[b] = med[b];
+  return medians;
 }
 
 // ------------------------------------------------------------------ per-channel moments alone (CO profiles)
@@ -1285,7 +1305,7 @@ void release() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("update", &update, "the statistics of one (B, T, C) update (see fused.cpp)");
+  m.def("update", &update, "merge one (B, T, C) update into a tap's running statistics (see fused.cpp)");
   m.def("channel_update", &channel_update, "merge a (B, T, C) tensor's per-channel moments (see fused.cpp)");
   m.def("release", &release, "free this thread's workspace");
   m.attr("STATE_SIZE") = static_cast<int64_t>(kStateSize);

@@ -3,9 +3,10 @@
 The reference (`stats.reducers.TapReducer`) makes several torch/numpy passes and a numpy partition per
 window; this one reads each tapped tensor once in the kernel, in float64 accumulators, and the kernel also
 merges the update into the tap's running state (moments, per-channel (count, mean, M2, |a| max), counts,
-the median hint) with the reference's merge rules, in buffers made once per reducer. An update is one
-kernel call and a handful of Python statements (window medians and the running top-k stay here);
-`result` hands the state to `TapState`'s assembly, shared with the reference.
+the median hint, the running top-k) with the reference's merge rules, in buffers made once per reducer.
+An update is one kernel call, which checks its own input, and a dict entry per window median: a profile
+makes one per tap, layer and window, and Python work there costs as much as the statistics. `result`
+hands the state to `TapState`'s assembly, shared with the reference.
 
 Agreement with the reference (tests/test_fused.py): counts, max |a|, window medians, MA counts, channel
 counts and |a| max and the top-k entries are equal; the moments agree to float32 precision (both sum
@@ -20,7 +21,7 @@ from types import ModuleType
 import torch
 
 from outlier_study.stats.moments import EMPTY_MOMENTS
-from outlier_study.stats.tapstats import TapState, TapStats
+from outlier_study.stats.tapstats import TapState, TapStats, TopEntry
 
 NATIVE_DTYPES = (
     torch.float32,
@@ -29,17 +30,35 @@ NATIVE_DTYPES = (
     torch.bfloat16,
 )  # read by the kernel as they are
 # Slots of the kernel's running state (fused.cpp, `State`): n, mean, M2, M3, M4, then these (read in order
-# by `result` up to the max |a|).
-NAN, INF, GOOD, MA, _MISSES, _MAX_ABS, _SPREAD, _FALLBACKS, _HINT = range(5, 14)
+# by `result` up to the max |a|), then what the reducer sets once.
+(NAN, INF, GOOD, MA, _MISSES, _MAX_ABS, _SPREAD, _FALLBACKS, _HINT, _TOP_COUNT, _CHANNELS) = range(5, 16)
+_MA_ABS, _MA_RATIO, _TOP_K, _MOMENTS, _CHANNEL_STATS = range(16, 21)
 
 
-def fresh_state(kernel: ModuleType) -> torch.Tensor:
-    """The kernel's running state before any update."""
+def fresh_state(
+    kernel: ModuleType, ma_abs: float, ma_ratio: float, top_k: int, moments: bool, channel_stats: bool
+) -> torch.Tensor:
+    """The kernel's running state of a tap before any update, with the statistics it asks for."""
     state = torch.zeros(int(kernel.STATE_SIZE), dtype=torch.float64)
     state[_MAX_ABS] = -1.0  # none yet
     state[_SPREAD] = 1.0 / 16.0  # the hinted median bracket's relative half-width, adapted there
     state[_HINT] = math.nan  # no median yet to bracket the next window's
+    state[_MA_ABS], state[_MA_RATIO], state[_TOP_K] = ma_abs, ma_ratio, top_k
+    state[_MOMENTS], state[_CHANNEL_STATS] = moments, channel_stats
     return state
+
+
+def kernel_input(
+    x: torch.Tensor, valid: torch.Tensor | None, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A checked (B, T, C) CPU tensor as the kernel reads it (other float types, e.g. float8, rare: one
+    upcast copy) and its mask as a bool tensor of its shape; records C in the state."""
+    if x.device.type != "cpu":
+        raise ValueError(f"the fused reducer reads CPU tensors, got {x.device} (use reducer=reference)")
+    if x.dtype not in NATIVE_DTYPES:
+        x = x.float()
+    state[_CHANNELS] = x.shape[-1]
+    return x, None if valid is None else valid.to(device=x.device, dtype=torch.bool).expand(x.shape)
 
 
 class FusedReducer(TapState):
@@ -57,10 +76,9 @@ class FusedReducer(TapState):
     ) -> None:
         super().__init__(top_k, ma_abs, ma_ratio, channel_stats, moments)
         self._kernel = kernel
-        self._state = fresh_state(kernel)
+        self._state = fresh_state(kernel, self.ma_abs, self.ma_ratio, top_k, self.moments, self.channel_stats)
         self._state_np = self._state.numpy()
-        self._medians_buf = torch.zeros(1, dtype=torch.float64)
-        self._top_buf = torch.zeros(max(top_k, 1), 5, dtype=torch.float64)
+        self._top_buf = torch.zeros(max(top_k, 1), 5, dtype=torch.float64)  # the running top-k's rows
         self._ch = torch.zeros(0, dtype=torch.float64)  # (4, C) running channel state, made on first update
 
     @property
@@ -74,46 +92,41 @@ class FusedReducer(TapState):
         return int(self._state_np[_FALLBACKS])
 
     def update(self, x: torch.Tensor, window_offset: int, valid: torch.Tensor | None = None) -> None:
-        """As `TapReducer.update`: x (B, T, C) on CPU, valid an optional bool mask broadcastable to x."""
+        """As `TapReducer.update`: x (B, T, C) on CPU, valid an optional bool mask broadcastable to x.
+
+        A hook calls this for every tap of every layer, so the usual update is one kernel call, which
+        checks its input itself; the first update of a tap, and any the kernel does not read as it is,
+        take the checks and conversions here and go back to it."""
+        medians = self._kernel.update(x, valid, window_offset, self._state, self._top_buf, self._ch)
+        if medians is None:
+            medians = self._prepared_update(x, window_offset, valid)
+        else:
+            self._n_windows += len(medians)
+        for b, median in enumerate(medians):
+            self._medians[window_offset + b] = median
+
+    def _prepared_update(
+        self, x: torch.Tensor, window_offset: int, valid: torch.Tensor | None
+    ) -> list[float]:
+        """An update through `TapState`'s checks (which count its windows and give an empty one nan
+        medians): the window medians it adds."""
         x = self._begin(x, window_offset)
         if x is None:
-            return
-        if x.device.type != "cpu":
-            raise ValueError(f"the fused reducer reads CPU tensors, got {x.device} (use reducer=reference)")
-        if x.dtype not in NATIVE_DTYPES:
-            x = x.float()  # other float types (e.g. float8) are rare: one upcast copy
-        B, T, C = x.shape
-        mask = None if valid is None else valid.to(device=x.device, dtype=torch.bool).expand(B, T, C)
-        if self._medians_buf.numel() < B:
-            self._medians_buf = torch.zeros(B, dtype=torch.float64)
+            return []
+        x, valid = kernel_input(x, valid, self._state)
         if self.channel_stats and not self._ch.numel():
-            self._ch = torch.zeros(4, C, dtype=torch.float64)
+            self._ch = torch.zeros(4, x.shape[2], dtype=torch.float64)
             self._ch[3] = -1.0  # |a| max: none yet
-        floor = self._top[-1].abs if self.top_k and len(self._top) == self.top_k else -1.0
-        n_top = self._kernel.update(
-            x,
-            mask,
-            window_offset,
-            self.ma_abs,
-            self.ma_ratio,
-            self.top_k,
-            self.moments,
-            self.channel_stats,
-            floor,
-            self._state,
-            self._medians_buf,
-            self._top_buf,
-            self._ch,
-        )
-        for b, med in enumerate(self._medians_buf[:B].tolist()):
-            self._medians[window_offset + b] = med
-        if n_top:
-            self._merge_top(self._top_buf[:n_top].tolist())
+        medians = self._kernel.update(x, valid, window_offset, self._state, self._top_buf, self._ch)
+        assert medians is not None, "the fused kernel refused a checked input"
+        return medians
 
     def result(self) -> TapStats:
         """Snapshot of the statistics so far (the kernel's running state handed to `TapState`)."""
         n, mean, m2, m3, m4, nan, inf, good, ma, _, max_abs = self._state_np[: _MAX_ABS + 1].tolist()
         self._nan, self._inf, self._count, self._ma = int(nan), int(inf), int(good), int(ma)
+        rows = self._top_buf[: int(self._state_np[_TOP_COUNT])].tolist()
+        self._top = [TopEntry(value, absval, int(w), int(t), int(c)) for absval, value, w, t, c in rows]
         self._max_abs = max_abs if max_abs >= 0.0 else -math.inf
         self._moments = (n, mean, m2, m3, m4) if n > 0 else EMPTY_MOMENTS
         if self._ch.numel():

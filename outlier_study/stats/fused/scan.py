@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from outlier_study.stats.fused.build import load_kernel
-from outlier_study.stats.fused.reducer import INF, MA, NAN, NATIVE_DTYPES, fresh_state
+from outlier_study.stats.fused.reducer import INF, MA, NAN, NATIVE_DTYPES, fresh_state, kernel_input
 
 _NO_TOP = torch.zeros(1, 5, dtype=torch.float64)  # the scan asks for no top-k ...
 _NO_CHANNELS = torch.zeros(0, dtype=torch.float64)  # ... and no channel statistics
@@ -36,12 +36,9 @@ def fused_ma_scan(x: torch.Tensor, ma_abs: float, ma_ratio: float) -> MAScan | N
     if kernel is None:
         return None
     B = x.shape[0]
-    rows = x.reshape(B, -1, x.shape[-1] if x.dim() > 2 else 1)
-    state = fresh_state(kernel)
-    medians = torch.empty(B, dtype=torch.float64)
-    kernel.update(
-        rows, None, 0, ma_abs, ma_ratio, 0, False, False, -1.0, state, medians, _NO_TOP, _NO_CHANNELS
-    )
+    state = fresh_state(kernel, ma_abs, ma_ratio, top_k=0, moments=False, channel_stats=False)
+    rows, _ = kernel_input(x.reshape(B, -1, x.shape[-1] if x.dim() > 2 else 1), None, state)
+    medians = kernel.update(rows, None, 0, state, _NO_TOP, _NO_CHANNELS)
     if state[NAN] or state[INF]:
         return None
-    return MAScan(medians, int(state[MA]))
+    return MAScan(torch.tensor(medians, dtype=torch.float64), int(state[MA]))
