@@ -8,15 +8,16 @@ of a cluster that shares the cache folder.
 
 The build lands in `<cache>/kernels/fused-<key>` (cache: $OUTLIER_STUDY_CACHE, else
 ~/.cache/outlier-study), the key hashing the source and its path, the flags, the torch and Python versions
-and the machine type, so an edited source or another torch never loads a stale library. `make install`
-builds it (`python -m outlier_study.stats.fused build`); otherwise the first profile does (about a
-minute). If the build or the load fails, `load_kernel` says so in one warning line on stderr and returns
-None: the profile then runs the reference reducer.
+and the machine type, so an edited source or another torch never loads a stale library, and a library
+found there is imported as it is. `make install` builds it (`python -m outlier_study.stats.fused build`);
+otherwise the first profile does (about a minute). If the build or the load fails, `load_kernel` says so
+in one warning line on stderr and returns None: the profile then runs the reference reducer.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 import sys
@@ -51,6 +52,25 @@ def build_dir() -> Path:
     return Path(root) / "kernels" / f"fused-{build_key()}"
 
 
+def _import_built() -> ModuleType | None:
+    """The library already in this key's folder, imported without running the build tool; None if absent
+    or unloadable (then it is built again). Going through the build tool on every load would rebuild it
+    whenever another `ninja` is first on PATH (an activated virtual environment's versus the system's):
+    each rejects the other's build log, and a profile would wait a minute for the compiler."""
+    from torch.utils.cpp_extension import LIB_EXT
+
+    path = build_dir() / f"{NAME}{LIB_EXT}"
+    spec = importlib.util.spec_from_file_location(NAME, path) if path.is_file() else None
+    if spec is None or spec.loader is None:
+        return None
+    try:
+        module = importlib.util.module_from_spec(spec)  # an extension is opened here
+        spec.loader.exec_module(module)
+    except ImportError:  # e.g. a build cut short: build it again
+        return None
+    return module
+
+
 def _compile(verbose: bool) -> ModuleType:
     from torch.utils import cpp_extension
 
@@ -72,7 +92,7 @@ def load_kernel(verbose: bool = False) -> ModuleType | None:
     with _lock:
         if "kernel" not in _loaded:
             try:
-                _loaded["kernel"] = _compile(verbose)
+                _loaded["kernel"] = _import_built() or _compile(verbose)
             except Exception as err:  # a missing compiler, ninja or header: never fatal
                 first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
                 print(
