@@ -5,6 +5,9 @@ mean >> spread) and on windows large enough for several lanes and for every fall
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -267,11 +270,12 @@ def test_update_keeps_input_untouched_and_rejects_bad_input(kernel: ModuleType) 
 
 
 def test_a_failed_build_falls_back_with_one_warning_line(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     def broken(_verbose: bool) -> ModuleType:
         raise RuntimeError("Error building extension 'outlier_study_fused'\nc++: not found")
 
+    monkeypatch.setenv("OUTLIER_STUDY_CACHE", str(tmp_path))  # nothing built there yet
     monkeypatch.setattr(build, "_loaded", {})
     monkeypatch.setattr(build, "_compile", broken)
     assert choose.tap_reducer("auto", True) is TapReducer
@@ -279,6 +283,28 @@ def test_a_failed_build_falls_back_with_one_warning_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: the fused reducer could not be built")
     assert choose.tap_reducer("reference", True) is TapReducer
+
+
+def test_a_built_library_loads_without_the_build_tool(
+    kernel: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A library in the key's folder is imported as it is (another `ninja` on PATH would rebuild it); one
+    that cannot be loaded there (a build cut short) is built again."""
+
+    def no_build(_verbose: bool) -> ModuleType:
+        raise AssertionError("the build tool ran")
+
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(build, "_compile", no_build)
+    assert build.load_kernel().update is not None  # type: ignore[union-attr]  # the session's build
+
+    monkeypatch.setenv("OUTLIER_STUDY_CACHE", str(tmp_path))
+    broken = build.build_dir() / Path(kernel.__file__).name  # type: ignore[arg-type]
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a library")
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(build, "_compile", lambda _verbose: kernel)
+    assert build.load_kernel() is kernel
 
 
 def test_reducer_choice(kernel: ModuleType) -> None:
@@ -481,3 +507,16 @@ def test_two_checkouts_keep_a_build_each(tmp_path: Path, monkeypatch: pytest.Mon
     assert moved != key
     copy.write_bytes(build.SOURCE.read_bytes() + b"\n// edited\n")
     assert build.build_key() not in (key, moved)
+
+
+def test_the_portable_loops_give_the_same_statistics() -> None:
+    """On a CPU with AVX-512 the hot loops are AVX-512 code; OUTLIER_STUDY_FUSED_PORTABLE makes the kernel
+    run its portable loops (what other CPUs run), held here to the references by the same tests."""
+    if os.environ.get("OUTLIER_STUDY_FUSED_PORTABLE"):
+        pytest.skip("this process already runs the portable loops")
+    env = {**os.environ, "OUTLIER_STUDY_FUSED_PORTABLE": "1"}
+    tests = "equals_the or fallback_paths or float16_boundary or ma_scan_gives"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout

@@ -18,10 +18,12 @@
 // threshold; the top-k candidates from the columns whose max reaches the k-th largest column max.
 // After all windows: per-channel (count, mean, M2) and global (n, mean, M2, M3, M4) of the update from the
 // shifted sums (exact binomial algebra in float64), merged into the tap's running state with the reference
-// reducer's merge rules, so one update costs Python a single call; only the running top-k stays in Python.
+// reducer's merge rules, as is the running top-k, so one update costs Python a single call.
 //
 // Portability: built with -O3 and no -march; on x86-64 with GCC the hot loops are cloned for x86-64-v4
-// (AVX-512) and v3 (AVX2) and picked at load time, so one build runs on any node of a cluster.
+// (AVX-512) and v3 (AVX2) and picked at load time, so one build runs on any node of a cluster. On AVX-512
+// the main pass's keys, counts, column maxima and bracket gather of float rows are one hand-written loop
+// (`keys_avx512`); OUTLIER_STUDY_FUSED_PORTABLE turns it off, so the tests hold both to the reference.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -29,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -202,10 +205,92 @@ OS_INLINE const uint8_t* load_mask(const Ctx<In, W>& cx, uint8_t* buf, int64_t b
   return buf;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define OS_AVX512_GATHER 1
+// Keys k[0:n] with key - lo <= span appended to out (16 slots of slack): 16 compares and one compress per
+// step, where the scalar loop would take a branch per key. Compress to a register, then a plain store:
+// a compressing store to memory is microcoded (slow) on AMD Zen 4.
+__attribute__((target("avx512f"))) int64_t gather_avx512(const uint32_t* k, int64_t n, uint32_t lo,
+                                                          uint32_t span, uint32_t* out) {
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo));
+  const __m512i vspan = _mm512_set1_epi32(static_cast<int>(span));
+  int64_t ng = 0, c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const __m512i v = _mm512_loadu_si512(k + c);
+    const __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, vlo), vspan);
+    _mm512_storeu_si512(out + ng, _mm512_maskz_compress_epi32(in, v));
+    ng += __builtin_popcount(in);
+  }
+  for (; c < n; ++c) {
+    out[ng] = k[c];
+    ng += static_cast<uint32_t>(k[c] - lo) <= span;
+  }
+  return ng;
+}
+
+// Whether the AVX-512 loops run: on a CPU that has it, unless OUTLIER_STUDY_FUSED_PORTABLE is set (the
+// portable loops then run everywhere: how the tests hold the two equal on an AVX-512 machine).
+bool has_avx512() {
+  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f")) &&
+                          std::getenv("OUTLIER_STUDY_FUSED_PORTABLE") == nullptr;
+  return yes;
+}
+
+// What `row_keys` (kStats, no mask) and `gather_block` do to one float row segment, in one loop: the keys
+// (stored for the moments), the counts below the bracket and above floor(ma_abs), the column maxima, and
+// the bracket's keys appended to out, so no key is read back. Returns how many were appended; n_bad gets
+// the non-finite entries (kInf keys).
+__attribute__((target("avx512f"))) int64_t keys_avx512(const float* v, int64_t nc, uint32_t* k, int32_t* cm,
+                                                       const uint32_t (&lim)[5], uint32_t* out, int64_t& n_below,
+                                                       int64_t& n_ma, int64_t& n_bad) {
+  const __m512i abs_bits = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+  const __m512i below = _mm512_set1_epi32(static_cast<int>(lim[0]));
+  const __m512i ma_lo = _mm512_set1_epi32(static_cast<int>(lim[1])), ma_span = _mm512_set1_epi32(static_cast<int>(lim[2]));
+  const __m512i lo = _mm512_set1_epi32(static_cast<int>(lim[3])), span = _mm512_set1_epi32(static_cast<int>(lim[4]));
+  const __m512i ones = _mm512_set1_epi32(-1);
+  __m512i vbelow = _mm512_setzero_si512(), vma = _mm512_setzero_si512();
+  __mmask16 bad_any = 0;
+  int64_t ng = 0;
+  for (int64_t c = 0; c < nc; c += 16) {
+    const __mmask16 t = nc - c >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (nc - c)) - 1u);
+    const __m512i a = _mm512_and_si512(_mm512_maskz_loadu_epi32(t, v + c), abs_bits);
+    const __m512i kc = _mm512_min_epu32(a, inf);  // nan -> kInf
+    _mm512_mask_storeu_epi32(k + c, t, kc);
+    const __mmask16 bad = _mm512_mask_cmpeq_epu32_mask(t, kc, inf);
+    bad_any |= bad;
+    vbelow = _mm512_mask_sub_epi32(vbelow, _mm512_mask_cmplt_epu32_mask(t, kc, below), vbelow, ones);
+    vma = _mm512_mask_sub_epi32(vma, _mm512_mask_cmplt_epu32_mask(t, _mm512_sub_epi32(kc, ma_lo), ma_span), vma, ones);
+    const __m512i s = _mm512_mask_mov_epi32(kc, bad, ones);  // kInf -> -1: no element
+    _mm512_mask_storeu_epi32(cm + c, t, _mm512_max_epi32(_mm512_maskz_loadu_epi32(t, cm + c), s));
+    const __mmask16 in = _mm512_mask_cmple_epu32_mask(t, _mm512_sub_epi32(kc, lo), span);
+    _mm512_storeu_si512(out + ng, _mm512_maskz_compress_epi32(in, kc));
+    ng += __builtin_popcount(in);
+  }
+  n_below += _mm512_reduce_add_epi32(vbelow);
+  n_ma += _mm512_reduce_add_epi32(vma);
+  n_bad = 0;
+  if (bad_any) {
+    for (int64_t c = 0; c < nc; ++c) n_bad += k[c] == 0x7f800000u;
+  }
+  return ng;
+}
+#endif
+
+// Whether the main pass's rows go through `keys_avx512`, which also gathers the bracket's keys: float rows
+// (float32 input, or 16-bit input converted) without a mask, on a CPU with AVX-512.
+template <typename W, bool kMask>
+OS_INLINE bool fused_rows() {
+#ifdef OS_AVX512_GATHER
+  if constexpr (!kMask && std::is_same_v<W, float>) return has_avx512();
+#endif
+  return false;
+}
+
 // Keys of one row segment: masked and non-finite entries become kInf. With kStats (the main pass only, so
 // nothing is counted twice) the same loop counts valid entries, finite ones, keys below the bracket and
 // above floor(ma_abs), and raises the column maxima `cm`; nan and inf are told apart in a second loop only
 // in a row that has some. (Bitwise selects and no more reductions than these: GCC vectorizes it so.)
+// Where `fused_rows` holds, `keys_avx512` does all of this and the bracket's gather in one loop.
 template <typename In, typename W, bool kMask, bool kStats>
 OS_INLINE void row_keys(const Ctx<In, W>& cx, Lane<W>& L, const W* __restrict__ v, const uint8_t* __restrict__ m,
                         int64_t c0, int64_t nc, typename Bits<W>::Key* __restrict__ k) {
@@ -213,6 +298,28 @@ OS_INLINE void row_keys(const Ctx<In, W>& cx, Lane<W>& L, const W* __restrict__ 
   using SKey = typename Bits<W>::SKey;
   constexpr Key kInf = Bits<W>::kInf;
   const Key below_key = cx.below, ma_lo = cx.ma_lo, ma_span = cx.ma_span;
+#ifdef OS_AVX512_GATHER
+  if constexpr (kStats && !kMask && std::is_same_v<W, float>) {
+    if (fused_rows<W, kMask>()) {
+      const int64_t need = L.n_gather + nc + 16;  // the compressing stores write 16 slots
+      if (need > static_cast<int64_t>(L.gather.size())) {
+        L.gather.resize(std::max<int64_t>(2 * L.gather.size(), need));
+      }
+      const uint32_t lim[5] = {below_key, ma_lo, ma_span, cx.lo, cx.span};
+      int64_t bad = 0;
+      L.n_gather += keys_avx512(v, nc, k, L.colmax.data() + c0, lim, L.gather.data() + L.n_gather, L.n_below,
+                                L.n_ma, bad);
+      L.n_good += nc - bad;
+      if (bad) {
+        int64_t nan = 0;
+        for (int64_t c = 0; c < nc; ++c) nan += key_of(v[c]) > kInf;
+        L.n_nan += nan;
+        L.n_inf += bad - nan;
+      }
+      return;
+    }
+  }
+#endif
   SKey* __restrict__ cm = L.colmax.data() + c0;
   Key valid = 0, good = 0, below = 0, ma = 0;
   for (int64_t c = 0; c < nc; ++c) {
@@ -270,34 +377,6 @@ OS_INLINE void for_blocks(const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define OS_AVX512_GATHER 1
-// Keys k[0:n] with key - lo <= span appended to out (16 slots of slack): 16 compares and one compress per
-// step, where the scalar loop would take a branch per key. Compress to a register, then a plain store:
-// a compressing store to memory is microcoded (slow) on AMD Zen 4.
-__attribute__((target("avx512f"))) int64_t gather_avx512(const uint32_t* k, int64_t n, uint32_t lo,
-                                                          uint32_t span, uint32_t* out) {
-  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo));
-  const __m512i vspan = _mm512_set1_epi32(static_cast<int>(span));
-  int64_t ng = 0, c = 0;
-  for (; c + 16 <= n; c += 16) {
-    const __m512i v = _mm512_loadu_si512(k + c);
-    const __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, vlo), vspan);
-    _mm512_storeu_si512(out + ng, _mm512_maskz_compress_epi32(in, v));
-    ng += __builtin_popcount(in);
-  }
-  for (; c < n; ++c) {
-    out[ng] = k[c];
-    ng += static_cast<uint32_t>(k[c] - lo) <= span;
-  }
-  return ng;
-}
-
-bool has_avx512() {
-  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
-  return yes;
-}
-#endif
 
 // Appends the keys of a block that fall in [lo, lo + span] to the lane's gather buffer.
 template <typename W>
@@ -335,7 +414,9 @@ OS_INLINE void gather_block(Lane<W>& L, const typename Bits<W>::Key* keys, int n
 // into float64 every kFlush rows, so a float sum never holds more than kFlush terms, the float32 precision of
 // the reference reducer's block sums. A block where |a| or a shift passes kWide sums straight into float64,
 // since a float fourth power of (a - shift) could overflow there.
-template <typename W, typename A>
+// kDense: every entry of the block is valid and finite (the usual block), so no key is read and no entry
+// is left out; the sums are those of the general loop, term for term.
+template <typename W, typename A, bool kDense>
 OS_INLINE void block_sums(const W* const* rows, const typename Bits<W>::Key* __restrict__ keys,
                           const W* __restrict__ shift, A* acc, int64_t C, int64_t nc) {
   constexpr typename Bits<W>::Key kInf = Bits<W>::kInf;
@@ -350,7 +431,7 @@ OS_INLINE void block_sums(const W* const* rows, const typename Bits<W>::Key* __r
     A bn = 0, b1 = 0, b2 = 0, b3 = 0, b4 = 0;
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      const bool g = keys[r * kTile + c] != kInf;
+      const bool g = kDense || keys[r * kTile + c] != kInf;
       const A v = static_cast<A>(rows[r][c]);  // loaded unconditionally: no branch
       const A d = g ? v - sh : A(0);
       const A d2 = d * d;
@@ -404,9 +485,11 @@ OS_INLINE void main_pass(const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t0
   // A block can hold |a| > kWide only if it holds keys above floor(ma_abs) (counted anyway) when that
   // floor is below kWide; only such blocks are scanned for them.
   const bool ma_covers_wide = cx.ma_lo <= cx.wide;
-  int64_t ma_seen = L.n_ma, rows_since_flush = 0;
+  int64_t ma_seen = L.n_ma, good_seen = L.n_good, rows_since_flush = 0;
   for_blocks<In, W, kMask, true>(cx, L, b, t0, t1, [&](const W* const* rows, const Key* keys, int nr,
                                                        int64_t c0, int64_t nc) OS_LAMBDA_INLINE {
+    const bool dense = nr == kRows && L.n_good - good_seen == kRows * nc;  // every entry valid and finite
+    good_seen = L.n_good;
     if constexpr (kMoments) {
       W* shift = L.shift.data() + c0;
       if (L.n_pending > 0) {
@@ -429,16 +512,18 @@ OS_INLINE void main_pass(const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t0
       const bool wide = L.wide_shift || ((L.n_ma != ma_seen || !ma_covers_wide) && any_wide(cx, keys, nr, nc));
       ma_seen = L.n_ma;
       if (wide) {
-        block_sums<W, double>(rows, keys, shift, acc + c0, C, nc);
+        dense ? block_sums<W, double, true>(rows, keys, shift, acc + c0, C, nc)
+              : block_sums<W, double, false>(rows, keys, shift, acc + c0, C, nc);
       } else {
-        block_sums<W, W>(rows, keys, shift, part + c0, C, nc);
+        dense ? block_sums<W, W, true>(rows, keys, shift, part + c0, C, nc)
+              : block_sums<W, W, false>(rows, keys, shift, part + c0, C, nc);
       }
       if (c0 + nc == C && (rows_since_flush += kRows) >= kFlush) {
         flush_sums(L);
         rows_since_flush = 0;
       }
     }
-    gather_block(L, keys, nr, nc, cx.lo, cx.span);
+    if (!fused_rows<W, kMask>()) gather_block(L, keys, nr, nc, cx.lo, cx.span);
   });
   if constexpr (kMoments) flush_sums(L);
 }
