@@ -414,9 +414,7 @@ OS_INLINE void gather_block(Lane<W>& L, const typename Bits<W>::Key* keys, int n
 // into float64 every kFlush rows, so a float sum never holds more than kFlush terms, the float32 precision of
 // the reference reducer's block sums. A block where |a| or a shift passes kWide sums straight into float64,
 // since a float fourth power of (a - shift) could overflow there.
-// kDense: every entry of the block is valid and finite (the usual block), so no key is read and no entry
-// is left out; the sums are those of the general loop, term for term.
-template <typename W, typename A, bool kDense>
+template <typename W, typename A>
 OS_INLINE void block_sums(const W* const* rows, const typename Bits<W>::Key* __restrict__ keys,
                           const W* __restrict__ shift, A* acc, int64_t C, int64_t nc) {
   constexpr typename Bits<W>::Key kInf = Bits<W>::kInf;
@@ -431,7 +429,7 @@ OS_INLINE void block_sums(const W* const* rows, const typename Bits<W>::Key* __r
     A bn = 0, b1 = 0, b2 = 0, b3 = 0, b4 = 0;
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      const bool g = kDense || keys[r * kTile + c] != kInf;
+      const bool g = keys[r * kTile + c] != kInf;
       const A v = static_cast<A>(rows[r][c]);  // loaded unconditionally: no branch
       const A d = g ? v - sh : A(0);
       const A d2 = d * d;
@@ -485,11 +483,9 @@ OS_INLINE void main_pass(const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t0
   // A block can hold |a| > kWide only if it holds keys above floor(ma_abs) (counted anyway) when that
   // floor is below kWide; only such blocks are scanned for them.
   const bool ma_covers_wide = cx.ma_lo <= cx.wide;
-  int64_t ma_seen = L.n_ma, good_seen = L.n_good, rows_since_flush = 0;
+  int64_t ma_seen = L.n_ma, rows_since_flush = 0;
   for_blocks<In, W, kMask, true>(cx, L, b, t0, t1, [&](const W* const* rows, const Key* keys, int nr,
                                                        int64_t c0, int64_t nc) OS_LAMBDA_INLINE {
-    const bool dense = nr == kRows && L.n_good - good_seen == kRows * nc;  // every entry valid and finite
-    good_seen = L.n_good;
     if constexpr (kMoments) {
       W* shift = L.shift.data() + c0;
       if (L.n_pending > 0) {
@@ -512,11 +508,9 @@ OS_INLINE void main_pass(const Ctx<In, W>& cx, Lane<W>& L, int64_t b, int64_t t0
       const bool wide = L.wide_shift || ((L.n_ma != ma_seen || !ma_covers_wide) && any_wide(cx, keys, nr, nc));
       ma_seen = L.n_ma;
       if (wide) {
-        dense ? block_sums<W, double, true>(rows, keys, shift, acc + c0, C, nc)
-              : block_sums<W, double, false>(rows, keys, shift, acc + c0, C, nc);
+        block_sums<W, double>(rows, keys, shift, acc + c0, C, nc);
       } else {
-        dense ? block_sums<W, W, true>(rows, keys, shift, part + c0, C, nc)
-              : block_sums<W, W, false>(rows, keys, shift, part + c0, C, nc);
+        block_sums<W, W>(rows, keys, shift, part + c0, C, nc);
       }
       if (c0 + nc == C && (rows_since_flush += kRows) >= kFlush) {
         flush_sums(L);
